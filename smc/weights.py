@@ -1,0 +1,46 @@
+"""Weight utilities, all in log space. Shapes: log_weights [N]."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+Array = jax.Array
+
+
+def normalize(log_weights: Array) -> Array:
+    """W = softmax(logw), [N]. All -inf gives zeros rather than NaN."""
+    total = logsumexp(log_weights)
+    safe = jnp.where(jnp.isneginf(total), 0.0, total)
+    return jnp.where(jnp.isneginf(total), 0.0, jnp.exp(log_weights - safe))
+
+
+def log_normalize(log_weights: Array) -> Array:
+    """log W = logw - logsumexp(logw), [N]."""
+    return log_weights - logsumexp(log_weights)
+
+
+def log_mean_exp(log_values: Array, axis: int | None = None) -> Array:
+    """log mean exp(x) = logsumexp(x) - log n, computed stably."""
+    n = log_values.size if axis is None else log_values.shape[axis]
+    return logsumexp(log_values, axis=axis) - jnp.log(n)
+
+
+def ess(log_weights: Array) -> Array:
+    """Effective sample size 1 / sum W^2 in [1, N]; 0 when every weight is zero."""
+    log_w = log_normalize(log_weights)
+    value = jnp.exp(-logsumexp(2.0 * log_w))
+    return jnp.where(jnp.isneginf(logsumexp(log_weights)), 0.0, value)
+
+
+def conditional_ess(log_weights: Array, log_increments: Array) -> Array:
+    """Conditional ESS of increments g on weighted particles W: N (sum W g)^2 / sum W g^2, in [1, N].
+
+    Zhou, Johansen and Aston (2016); equals ESS(g) when W is uniform. Used to pick the next
+    tempering exponent on the *current* weighted cloud.
+    """
+    n = log_weights.shape[0]
+    log_w = log_normalize(log_weights)
+    numerator = 2.0 * logsumexp(log_w + log_increments)
+    denominator = logsumexp(log_w + 2.0 * log_increments)
+    return n * jnp.exp(numerator - denominator)
