@@ -1,0 +1,32 @@
+"""The Feynman-Kac model: initial law and potential, then T (kernel, potential) steps."""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+
+Array = jax.Array
+PyTree = Any
+
+InitFn = Callable[[Array, int], tuple[PyTree, Array]]
+StepFn = Callable[[Array, PyTree, Array], tuple[PyTree, Array]]
+MoveFn = Callable[[Array, PyTree, Array], PyTree]
+DoneFn = Callable[[PyTree], Array]
+
+
+class FeynmanKac(NamedTuple):
+    """M0/G0 then (M_t, G_t) for t = 0..T-1; the particles after t steps target gamma_t.
+
+    init(key, N) -> (particles, log_weights [N])            draws M0, returns G0.
+    step(key, particles, t) -> (particles, log_increments)  draws M_t, returns G_t [N]; t int32.
+    num_steps: static T (scan), or with `done` the static maximum number of steps (while loop).
+    done(particles) -> bool or bool [N]: stop once true (for every particle).
+    move(key, particles, t) -> particles: an MH kernel invariant for gamma_t, applied after each
+        resampling that happens before step t (resample-move).
+    """
+
+    init: InitFn
+    step: StepFn
+    num_steps: int
+    done: Optional[DoneFn] = None
+    move: Optional[MoveFn] = None

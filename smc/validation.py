@@ -1,0 +1,96 @@
+"""Argument and shape checks that run before any compilation (via `jax.eval_shape`)."""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smc.feynman_kac import FeynmanKac
+
+
+def check_num_particles(num_particles: Any) -> None:
+    if isinstance(num_particles, bool) or not isinstance(num_particles, (numbers.Integral, np.integer)):
+        raise TypeError(f"num_particles must be a Python int, got {type(num_particles).__name__}")
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+
+
+def check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a static Python float, not a traced value")
+    value = float(value)
+    if not 0.0 <= value <= 1.0 or not np.isfinite(value):
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+def check_run_arguments(num_particles: Any, ess_threshold: Any) -> None:
+    check_num_particles(num_particles)
+    check_fraction("ess_threshold", ess_threshold)
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    x = jnp.asarray(x) if not hasattr(x, "shape") else x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def check_particles(particles: Any, num_particles: int, where: str) -> None:
+    leaves = jax.tree_util.tree_leaves(particles)
+    if not leaves:
+        raise ValueError(f"{where}: particles are an empty pytree")
+    for leaf in leaves:
+        if leaf.ndim == 0 or leaf.shape[0] != num_particles:
+            raise ValueError(
+                f"{where}: every particle leaf needs leading axis {num_particles}, got shape {leaf.shape}")
+
+
+def check_log_weights(log_weights: Any, num_particles: int, where: str) -> None:
+    if getattr(log_weights, "shape", None) != (num_particles,):
+        raise ValueError(f"{where}: log-weights must have shape ({num_particles},), "
+                         f"got {getattr(log_weights, 'shape', type(log_weights).__name__)}")
+    if not jnp.issubdtype(log_weights.dtype, jnp.floating):
+        raise TypeError(f"{where}: log-weights must be floating point, got {log_weights.dtype}")
+
+
+def check_model(model: FeynmanKac, num_particles: int, key: Any = None) -> None:
+    """Trace init, step, move and done abstractly and check every shape against N."""
+    if not isinstance(model, FeynmanKac):
+        raise TypeError(f"model must be an smc.FeynmanKac, got {type(model).__name__}")
+    for name in ("init", "step"):
+        if not callable(getattr(model, name)):
+            raise TypeError(f"model.{name} must be callable")
+    num_steps = model.num_steps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (numbers.Integral, np.integer)):
+        raise TypeError(f"model.num_steps must be a static int, got {type(num_steps).__name__}")
+    if num_steps < 0:
+        raise ValueError(f"model.num_steps must be >= 0, got {num_steps}")
+    key = _abstract(jax.random.PRNGKey(0) if key is None else key)
+    t = jax.ShapeDtypeStruct((), jnp.int32)
+    particles, log_weights = jax.eval_shape(lambda k: model.init(k, num_particles), key)
+    check_particles(particles, num_particles, "init")
+    check_log_weights(log_weights, num_particles, "init")
+    new_particles, increments = jax.eval_shape(model.step, key, particles, t)
+    _check_same_structure(particles, new_particles, "step")
+    check_log_weights(increments, num_particles, "step")
+    if model.move is not None:
+        moved = jax.eval_shape(model.move, key, particles, t)
+        _check_same_structure(particles, moved, "move")
+    if model.done is not None:
+        done = jax.eval_shape(model.done, particles)
+        if done.shape not in ((), (num_particles,)) or done.dtype != jnp.bool_:
+            raise ValueError(f"done must return a bool scalar or bool [{num_particles}], "
+                             f"got {done.dtype}{list(done.shape)}")
+
+
+def _check_same_structure(before: Any, after: Any, where: str) -> None:
+    tree_before = jax.tree_util.tree_structure(before)
+    tree_after = jax.tree_util.tree_structure(after)
+    if tree_before != tree_after:
+        raise ValueError(f"{where} must return particles with the structure of init's: "
+                         f"{tree_before} vs {tree_after}")
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(f"{where} changed a particle leaf from {a.dtype}{list(a.shape)} "
+                             f"to {b.dtype}{list(b.shape)}")
