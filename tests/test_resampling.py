@@ -1,0 +1,229 @@
+"""Resampling schemes: unbiased offspring counts, variance ordering, bounds, shapes, degenerate weights.
+
+Tolerances come from Monte Carlo error: over K seeded replicates the mean offspring count of each
+particle must be within Z_MAX standard errors (empirical SE) of M * W_i. The weights are chosen so
+that every fraction M * W_i - floor(M * W_i) lies in [0.05, 0.95]: a count that is floor or ceil
+then varies visibly over K runs, so a zero sample variance can only come from an exact expectation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smc import resampling
+
+SCHEMES = sorted(resampling.SCHEMES)
+FLEXIBLE = [s for s in SCHEMES if s != "killing"]  # those that take num_samples != N
+K = 2000
+Z_MAX = 5.0
+WEIGHTS = np.array(
+    [3.86, 1.41, 0.31, 0.83, 0.0, 0.8, 1.82, 0.28, 2.63, 0.32, 0.83, 2.43, 1.94, 0.5, 5.86, 1.44]
+)
+N = WEIGHTS.size
+M_OTHER = 37  # a num_samples != N
+LOG_WEIGHTS = jnp.log(jnp.asarray(WEIGHTS, dtype=jnp.float32))  # one -inf
+W = WEIGHTS / WEIGHTS.sum()
+
+
+def _fractions_are_away_from_integers(m: int) -> bool:
+    frac = (m * W)[W > 0] % 1.0
+    return bool(np.all((frac > 0.05) & (frac < 0.95)))
+
+
+assert _fractions_are_away_from_integers(N) and _fractions_are_away_from_integers(M_OTHER)
+
+
+KEYS = jax.random.split(jax.random.key(2024), K)
+
+
+@functools.cache
+def replicate_ancestors(scheme: str, m: int) -> np.ndarray:
+    """Ancestors [K, m] of K seeded runs, in one jit of a vmap over keys and log-weights."""
+    fn = resampling.get(scheme)
+    batched_log_weights = jnp.tile(LOG_WEIGHTS, (K, 1))
+    return np.asarray(jax.jit(jax.vmap(lambda key, lw: fn(key, lw, m)))(KEYS, batched_log_weights))
+
+
+def replicate_counts(scheme: str, m: int) -> np.ndarray:
+    """Offspring counts [K, N] of the runs above."""
+    ancestors = replicate_ancestors(scheme, m)
+    return (ancestors[:, :, None] == np.arange(N)).sum(axis=1)
+
+
+def assert_unbiased(counts: np.ndarray, expected: np.ndarray) -> None:
+    """|mean - expected| <= Z_MAX * SE per particle; exact where the counts never vary."""
+    mean = counts.mean(axis=0)
+    se = counts.std(axis=0, ddof=1) / np.sqrt(counts.shape[0])
+    constant = se == 0
+    np.testing.assert_allclose(mean[constant], expected[constant], rtol=0, atol=1e-6)
+    z = (mean[~constant] - expected[~constant]) / se[~constant]
+    assert np.all(np.abs(z) < Z_MAX), f"z-scores {np.round(z, 2)}"
+
+
+# --- unbiasedness and bounds -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_unbiased(scheme: str) -> None:
+    counts = replicate_counts(scheme, N)
+    assert np.all(counts.sum(axis=1) == N)
+    assert_unbiased(counts, N * W)
+
+
+@pytest.mark.parametrize("scheme", FLEXIBLE)
+def test_unbiased_other_num_samples(scheme: str) -> None:
+    counts = replicate_counts(scheme, M_OTHER)
+    assert np.all(counts.sum(axis=1) == M_OTHER)
+    assert_unbiased(counts, M_OTHER * W)
+
+
+def test_unbiasedness_check_catches_a_shifted_weight() -> None:
+    # The check must be strong enough: raising the largest weight by 5% has to fail it.
+    shifted = LOG_WEIGHTS.at[14].add(jnp.log(1.05))
+    ancestors = np.asarray(jax.vmap(lambda key: resampling.systematic(key, shifted))(KEYS))
+    counts = (ancestors[:, :, None] == np.arange(N)).sum(axis=1)
+    with pytest.raises(AssertionError):
+        assert_unbiased(counts, N * W)
+
+
+@pytest.mark.parametrize("m", [N, M_OTHER])
+@pytest.mark.parametrize("scheme", ["systematic", "ssp"])
+def test_counts_are_floor_or_ceil(scheme: str, m: int) -> None:
+    counts = replicate_counts(scheme, m)
+    expected = m * W
+    assert np.all((counts == np.floor(expected)) | (counts == np.ceil(expected)))
+
+
+@pytest.mark.parametrize("m", [N, M_OTHER])
+def test_stratified_counts_within_one_of_floor_ceil(m: int) -> None:
+    counts = replicate_counts("stratified", m)
+    expected = m * W
+    assert np.all(counts >= np.floor(expected) - 1) and np.all(counts <= np.ceil(expected) + 1)
+    assert np.all(counts[:, W == 0] == 0)
+
+
+@pytest.mark.parametrize("m", [N, M_OTHER])
+def test_residual_keeps_the_integer_part(m: int) -> None:
+    counts = replicate_counts("residual", m)
+    assert np.all(counts >= np.floor(m * W))
+
+
+@pytest.mark.parametrize("scheme", ["systematic", "stratified", "residual", "ssp"])
+def test_variance_below_multinomial(scheme: str) -> None:
+    multinomial = replicate_counts("multinomial", N).var(axis=0, ddof=1).sum()
+    assert replicate_counts(scheme, N).var(axis=0, ddof=1).sum() < multinomial
+
+
+# --- degenerate weights ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_single_dominant_weight(scheme: str) -> None:
+    log_weights = jnp.full(N, -jnp.inf).at[5].set(-3.0)
+    sizes = [N] if scheme == "killing" else [N, M_OTHER]
+    for m in sizes:
+        ancestors = resampling.get(scheme)(jax.random.key(1), log_weights, m)
+        np.testing.assert_array_equal(ancestors, np.full(m, 5))
+
+
+@pytest.mark.parametrize("scheme", ["systematic", "stratified", "residual", "ssp"])
+def test_equal_weights_keep_every_particle_once(scheme: str) -> None:
+    for seed in range(3):
+        ancestors = resampling.get(scheme)(jax.random.key(seed), jnp.full(N, 0.7))
+        np.testing.assert_array_equal(resampling.offspring_counts(ancestors, N), np.ones(N))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_all_dead_does_not_crash(scheme: str) -> None:
+    ancestors = resampling.get(scheme)(jax.random.key(0), jnp.full(N, -jnp.inf))
+    assert ancestors.shape == (N,) and np.all((ancestors >= 0) & (ancestors < N))
+
+
+# --- shapes, dtypes, transformations --------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_shape_dtype_and_determinism(scheme: str) -> None:
+    fn = resampling.get(scheme)
+    sizes = [N] if scheme == "killing" else [N, M_OTHER]
+    for m in sizes:
+        first = fn(jax.random.key(3), LOG_WEIGHTS, m)
+        assert first.shape == (m,) and first.dtype == jnp.int32
+        np.testing.assert_array_equal(first, fn(jax.random.key(3), LOG_WEIGHTS, m))
+    assert fn(jax.random.key(3), LOG_WEIGHTS).shape == (N,)  # default num_samples = N
+
+
+def test_raw_uint32_keys() -> None:
+    ancestors = resampling.systematic(jax.random.PRNGKey(3), LOG_WEIGHTS)
+    assert ancestors.shape == (N,) and ancestors.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_jit_vmap_and_eager_agree(scheme: str) -> None:
+    fn = resampling.get(scheme)
+    sizes = [N] if scheme == "killing" else [N, M_OTHER]
+    for m in sizes:
+        batched = replicate_ancestors(scheme, m)  # jit(vmap(...))
+        for i in range(3):
+            np.testing.assert_array_equal(batched[i], fn(KEYS[i], LOG_WEIGHTS, m))
+    np.testing.assert_array_equal(
+        resampling.offspring_counts(batched[0], N), np.bincount(batched[0], minlength=N)
+    )
+
+
+def test_killing_needs_num_samples_equal_to_n() -> None:
+    with pytest.raises(ValueError, match="num_samples"):
+        resampling.killing(jax.random.key(0), LOG_WEIGHTS, N + 1)
+
+
+def test_get_lists_valid_names() -> None:
+    assert resampling.get("ssp") is resampling.ssp
+    with pytest.raises(ValueError, match="systematic"):
+        resampling.get("sytematic")
+
+
+def test_systematic_at_a_million_particles() -> None:
+    # float32 cdf at N = 1e6: counts must still be non-negative, sum to N and skip dead particles.
+    n = 1_000_000
+    log_weights = 3.0 * jax.random.normal(jax.random.key(0), (n,))
+    dead = jax.random.uniform(jax.random.key(1), (n,)) < 0.2
+    log_weights = jnp.where(dead, -jnp.inf, log_weights).at[-1].set(-jnp.inf)
+    counts = np.asarray(
+        resampling.offspring_counts(resampling.systematic(jax.random.key(2), log_weights), n)
+    )
+    assert counts.sum() == n and counts.min() >= 0
+    assert counts[np.asarray(dead)].sum() == 0 and counts[-1] == 0
+
+
+# --- property test ---------------------------------------------------------------------------
+
+_log_weight = st.one_of(st.just(-np.inf), st.floats(-30.0, 5.0, width=32))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    scheme=st.sampled_from(SCHEMES),
+    n=st.sampled_from([1, N]),
+    m_choice=st.sampled_from(["n", "other"]),
+    seed=st.integers(0, 2**31 - 1),
+    data=st.data(),
+)
+def test_indices_valid_for_random_weights(scheme, n, m_choice, seed, data) -> None:
+    log_weights = np.array(data.draw(st.lists(_log_weight, min_size=n, max_size=n)), np.float32)
+    if np.all(np.isneginf(log_weights)):
+        log_weights[data.draw(st.integers(0, n - 1))] = 0.0
+    m = n if (m_choice == "n" or scheme == "killing") else M_OTHER
+    ancestors = np.asarray(
+        resampling.get(scheme)(jax.random.key(seed), jnp.asarray(log_weights), m)
+    )
+    assert ancestors.shape == (m,)
+    assert np.all((ancestors >= 0) & (ancestors < n))
+    assert np.all(np.isfinite(log_weights[ancestors]))
+    assert resampling.offspring_counts(jnp.asarray(ancestors), n).sum() == m
