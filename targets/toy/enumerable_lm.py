@@ -1,0 +1,104 @@
+"""An enumerable language model: a random position-dependent Markov chain over a few tokens.
+
+Same interface as :class:`targets.lm.llama.Llama` (``init_cache``, ``prefill``, ``decode``,
+``max_len``, ``eos_id``, ``bos_id``, ``vocab_size``), so SMC code paths written for the real model
+run on it unchanged, while every sequence probability is known exactly by enumeration.
+
+Vocabulary: tokens ``0..K-1`` are ordinary, ``K`` is EOS, ``K+1`` is BOS (never generated).
+The prompt is normally ``[BOS]``. The j-th generated token (j = 0, 1, ...) is drawn from
+``softmax(table[min(j, L-1), previous token])`` where the previous token of j = 0 is the last
+prompt token. A sequence ``y`` ends with its first EOS or is cut after ``L`` tokens; the enumerated
+support is every such ``y`` and ``p(y)`` is the product of its token probabilities (no EOS factor
+for a cut sequence), so the probabilities sum to one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EnumerableLM:
+    n_tokens: int = 3          # K ordinary tokens
+    max_new: int = 4           # L
+    prompt_len: int = 1        # prompts are [BOS] unless told otherwise
+
+    @property
+    def eos_id(self) -> int:
+        return self.n_tokens
+
+    @property
+    def bos_id(self) -> int:
+        return self.n_tokens + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_tokens + 2
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt_len + self.max_new
+
+    def init_params(self, key, scale: float = 1.5, eos_bias: float = -1.0):
+        V = self.vocab_size
+        logits = scale * jax.random.normal(key, (self.max_new, V, V))
+        logits = logits.at[:, :, self.eos_id].add(eos_bias)
+        logits = logits.at[:, :, self.bos_id].set(-jnp.inf)
+        return {"table": jax.nn.log_softmax(logits, axis=-1)}
+
+    # --------------------------------------------------------------- interface
+    def init_cache(self, batch: int):
+        return {"prev": jnp.full((batch,), self.bos_id, jnp.int32),
+                "start": jnp.zeros((batch,), jnp.int32)}
+
+    def _dist(self, params, j, prev):
+        j = jnp.clip(j, 0, self.max_new - 1)
+        return params["table"][j, prev]
+
+    def prefill(self, params, tokens, lengths):
+        prev = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0].astype(jnp.int32)
+        cache = {"prev": prev, "start": lengths.astype(jnp.int32)}
+        return cache, self._dist(params, jnp.zeros_like(prev), prev)
+
+    def decode(self, params, cache, tokens, positions):
+        write = positions < self.max_len
+        prev = jnp.where(write, tokens.astype(jnp.int32), cache["prev"])
+        cache = {"prev": prev, "start": cache["start"]}
+        j = positions + 1 - cache["start"]  # index of the token this distribution is for
+        return cache, self._dist(params, j, prev)
+
+    # --------------------------------------------------------------- exact answers
+    def sequences(self) -> list[tuple[int, ...]]:
+        """Every complete sequence: ends with its only EOS, or has L tokens and no EOS."""
+        K, eos, out = self.n_tokens, self.eos_id, []
+        for n in range(self.max_new):
+            for body in itertools.product(range(K), repeat=n):
+                out.append(body + (eos,))
+        out.extend(itertools.product(range(K), repeat=self.max_new))
+        return out
+
+    def sequence_logprob(self, params, seq, prev: int | None = None) -> float:
+        table = np.asarray(params["table"], np.float64)
+        with np.errstate(invalid="ignore"):  # renormalise in float64 (-inf entries stay -inf)
+            table = table - np.logaddexp.reduce(table, axis=-1, keepdims=True)
+        prev = self.bos_id if prev is None else prev
+        total = 0.0
+        for j, t in enumerate(seq):
+            total += table[min(j, self.max_new - 1), prev, t]
+            prev = t
+        return total
+
+    def enumerate(self, params):
+        """``(sequences, logp)`` over the whole support (``logp`` sums to one in probability)."""
+        seqs = self.sequences()
+        return seqs, np.array([self.sequence_logprob(params, s) for s in seqs])
+
+    def power_distribution(self, params, alpha: float):
+        """Exact normalised ``p(y)^alpha`` over the support (Power-SMC's target)."""
+        seqs, lp = self.enumerate(params)
+        a = alpha * lp
+        return seqs, np.exp(a - np.logaddexp.reduce(a))
