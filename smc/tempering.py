@@ -11,6 +11,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.special import logsumexp
 
 from smc import resampling as resampling_lib
 from smc import weights as weights_lib
@@ -43,21 +44,38 @@ def next_exponent(
     """
     n = log_weights.shape[0]
     target = target_ess * n
+    # The normalised weights are loop-invariant: computed once, not once per bisection step.
+    log_w = weights_lib.log_normalize(log_weights)
 
     def cess(next_exp: Array) -> Array:
-        return weights_lib.conditional_ess(log_weights,
-                                           _increments(next_exp - exponent, log_likelihoods))
+        # weights_lib.conditional_ess with log_normalize(log_weights) hoisted out of the loop.
+        increments = _increments(next_exp - exponent, log_likelihoods)
+        numerator = 2.0 * logsumexp(log_w + increments)
+        denominator = logsumexp(log_w + 2.0 * increments)
+        return n * jnp.exp(numerator - denominator)
 
-    def bisect(_, bounds):
-        low, high = bounds
+    def running(carry):
+        # Stop early once the bracket can no longer change; the result is the same as running all
+        # num_iterations. mid == high: high failed the target (or is the initial 1, which the
+        # final check overrides), so the step keeps (low, high). mid == low: a low that moved
+        # passed the target, so the step keeps (low, high); the initial low (= exponent) was
+        # never tested, so keep iterating then.
+        i, low, high = carry
+        mid = 0.5 * (low + high)
+        return (i < num_iterations) & (mid != high) & ((mid != low) | (low == exponent))
+
+    def bisect(carry):
+        i, low, high = carry
         mid = 0.5 * (low + high)
         above = cess(mid) >= target
-        return jnp.where(above, mid, low), jnp.where(above, high, mid)
+        return i + 1, jnp.where(above, mid, low), jnp.where(above, high, mid)
 
-    low, high = jax.lax.fori_loop(0, num_iterations, bisect, (exponent, jnp.ones_like(exponent)))
+    one = jnp.ones_like(exponent)
+    _, low, high = jax.lax.while_loop(running, bisect,
+                                      (jnp.asarray(0, jnp.int32), exponent, one))
     # `low` keeps CESS >= target; step at least to `high` if `low` did not move (tiny target ESS).
     solution = jnp.where(low > exponent, low, high)
-    return jnp.where(cess(jnp.ones_like(exponent)) >= target, 1.0, solution)
+    return jnp.where(cess(one) >= target, 1.0, solution)
 
 
 class TemperedResult(NamedTuple):

@@ -1,0 +1,73 @@
+"""The benchmark scripts run at tiny sizes and produce their tables (no timing is asserted)."""
+import numpy as np
+import pytest
+
+from experiments import bench_overhead, bench_tempering, benchmarks
+from targets.toy import gaussian
+
+
+def header(table: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith("|"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_tempering_runs_and_both_estimates_are_finite():
+    pytest.importorskip("blackjax")
+    problem = bench_tempering.Problem(dim=3, target_ess=0.5, max_steps=50)
+    rows = bench_tempering.bench(64, 2, problem)
+    assert [row["library"] for row in rows] == ["ours", "blackjax"]
+    for row in rows:
+        assert row["finite"] and np.isfinite(row["abs_error"]) and row["steps"] >= 1
+    assert header(bench_tempering.to_markdown(rows)) == list(bench_tempering.COLUMNS)
+
+
+def test_anisotropic_target_has_the_stated_evidence():
+    model = gaussian.anisotropic(4)
+    assert model.dim == 4 and np.all(np.linalg.eigvalsh(model.covs[0]) > 0)
+    # Monte Carlo under the prior: log mean L matches the closed form.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400_000, 4))
+    log_l = np.logaddexp.reduce([
+        np.log(w) - 0.5 * (np.einsum("ni,ij,nj->n", x - mu, np.linalg.inv(c), x - mu)
+                           + np.linalg.slogdet(c)[1] + 4 * np.log(2 * np.pi))
+        for w, mu, c in zip(model.weights, model.means, model.covs)])
+    estimate = np.logaddexp.reduce(log_l) - np.log(x.shape[0])
+    assert abs(estimate - gaussian.log_evidence(model)) < 0.1
+
+
+def test_overhead_runs():
+    rows = bench_overhead.bench(64, 5, 8, [0.5, 1.0], repeats=1)
+    assert [row["ess_threshold"] for row in rows] == [0.5, 1.0]
+    assert rows[1]["resampled"] == 5
+    assert all(row["bare_ms"] > 0 and row["smc_ms"] > 0 for row in rows)
+    assert header(bench_overhead.to_markdown(rows)) == list(bench_overhead.COLUMNS)
+
+
+def test_resampling_runs_through_the_runner():
+    module, _, quick = benchmarks.BENCHES["resampling"]
+    text = benchmarks.run_bench(module, quick)
+    columns = header(text)
+    assert columns[:2] == ["scheme", "N"] and any("ours" in c for c in columns)
+    assert "python -m experiments.bench_resampling" in text
+
+
+def test_runner_writes_the_readme_block(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(module_name, argv):
+        calls.append((module_name, argv))
+        return f"Table from `python -m {module_name}`.\n\n| a |\n|---|\n| 1 |\n"
+
+    monkeypatch.setattr(benchmarks, "run_bench", fake)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{benchmarks.START}\nold numbers\n{benchmarks.END}\noutro\n")
+    out = tmp_path / "tables.md"
+    benchmarks.main(["--quick", "--readme", str(readme), "--out", str(out)])
+    text = readme.read_text()
+    assert len(calls) == 3 and "old numbers" not in text
+    assert text.startswith(f"intro\n{benchmarks.START}\n") and text.endswith(f"{benchmarks.END}\noutro\n")
+    for name in ("bench_resampling", "bench_tempering", "bench_overhead"):
+        assert f"python -m experiments.{name}" in text
+    assert "Machine:" in text and "jax" in text and out.read_text() in text
+    with pytest.raises(ValueError):
+        benchmarks.replace_block("no markers here", "x")
