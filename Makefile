@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m experiments.benchmarks
+	$(BIN)/python -m experiments.benchmarks --readme README.md
 
 clean:
 	rm -rf $(VENV) results

@@ -78,18 +78,18 @@ def test_next_exponent_hits_the_conditional_ess_on_the_weighted_cloud():
 def test_adaptive_tempering_estimates_evidence_and_posterior():
     run = jax.jit(jax.vmap(lambda k: smc.tempering.adaptive(
         k, SAMPLE_PRIOR, LOG_LIKELIHOOD, rwmh_move, 512, target_ess=0.8, ess_threshold=0.5)))
-    out = run(jax.random.split(jax.random.PRNGKey(11), 100))
-    np.testing.assert_allclose(out.exponents[np.arange(100), out.smc.num_steps], 1.0)
+    out = run(jax.random.split(jax.random.PRNGKey(11), 200))
+    np.testing.assert_allclose(out.exponents[np.arange(200), out.smc.num_steps], 1.0)
     assert np.all(out.smc.num_steps >= 4)
-    check_exact(out.smc, 100)
+    check_exact(out.smc, 200)
 
 
 def test_waste_free_tempering_estimates_evidence_and_posterior():
     run = jax.jit(jax.vmap(lambda k: smc.tempering.adaptive(
         k, SAMPLE_PRIOR, LOG_LIKELIHOOD, one_rwmh_step, 512, waste_free_chains=64)))
-    out = run(jax.random.split(jax.random.PRNGKey(12), 100))
-    assert np.all(out.smc.resampled[np.arange(100), 0])
-    check_exact(out.smc, 100)
+    out = run(jax.random.split(jax.random.PRNGKey(12), 200))
+    assert np.all(out.smc.resampled[np.arange(200), 0])
+    check_exact(out.smc, 200)
 
 
 def test_fixed_schedule_evidence_is_unbiased():
