@@ -110,11 +110,13 @@ def resample_move(
     ess_threshold: float,
     move: Optional[Callable[[Array, PyTree, Array], PyTree]],
     branchless: bool = False,
+    allowed: Optional[Array] = None,
 ) -> tuple[SMCState, Array, Array]:
     """Resample (and then move) when ESS < threshold * N; threshold 1 = always, 0 = never.
 
-    Returns (state, resampled flag, ancestors). `branchless` computes both outcomes and selects
-    (needed when particles are sharded).
+    Returns (state, resampled flag, ancestors). `allowed` (bool scalar) can veto resampling at
+    this step. `branchless` computes both outcomes and selects (needed when particles are
+    sharded).
     """
     n = state.log_weights.shape[0]
     identity = jnp.arange(n, dtype=jnp.int32)
@@ -128,10 +130,13 @@ def resample_move(
             state = state._replace(particles=move(key_move, state.particles, t))
         return state, ancestors
 
-    if ess_threshold >= 1.0:
+    if ess_threshold >= 1.0 and allowed is None:
         state, ancestors = do(state)
         return state, jnp.asarray(True), ancestors
-    flag = weights_lib.ess(state.log_weights) < ess_threshold * n
+    flag = (jnp.asarray(True) if ess_threshold >= 1.0
+            else weights_lib.ess(state.log_weights) < ess_threshold * n)
+    if allowed is not None:
+        flag = flag & allowed
     if not branchless:
         state, ancestors = jax.lax.cond(flag, do, lambda s: (s, identity), state)
         return state, flag, ancestors
@@ -185,6 +190,7 @@ def _run(key, model, num_particles, sharding, *, resampling, ess_threshold,
     constrain = _constrainer(sharding)
     n = num_particles
     num_steps = int(model.num_steps)
+    mask = None if model.resample_mask is None else jnp.asarray(model.resample_mask, bool)
 
     key_init, key_loop = jax.random.split(key)
     particles, log_weights = model.init(key_init, n)
@@ -200,7 +206,8 @@ def _run(key, model, num_particles, sharding, *, resampling, ess_threshold,
         key_resample, key_step = jax.random.split(key)
         state, flag, ancestors = resample_move(
             key_resample, state, t, resampling=resampling, ess_threshold=ess_threshold,
-            move=model.move, branchless=sharding is not None)
+            move=model.move, branchless=sharding is not None,
+            allowed=None if mask is None else mask[t])
         particles, log_increments = model.step(key_step, state.particles, t)
         state, increment = reweight(state._replace(particles=constrain(particles)),
                                     constrain(log_increments))

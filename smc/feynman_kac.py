@@ -23,6 +23,8 @@ class FeynmanKac(NamedTuple):
     done(particles) -> bool or bool [N]: stop once true (for every particle).
     move(key, particles, t) -> particles: an MH kernel invariant for gamma_t, applied after each
         resampling that happens before step t (resample-move).
+    resample_mask: optional static bool [num_steps]; False forbids resampling before step t
+        (e.g. FKC's resampling window), whatever the ESS.
     """
 
     init: InitFn
@@ -30,3 +32,4 @@ class FeynmanKac(NamedTuple):
     num_steps: int
     done: Optional[DoneFn] = None
     move: Optional[MoveFn] = None
+    resample_mask: Optional[Any] = None

@@ -66,6 +66,11 @@ def check_model(model: FeynmanKac, num_particles: int, key: Any = None) -> None:
         raise TypeError(f"model.num_steps must be a static int, got {type(num_steps).__name__}")
     if num_steps < 0:
         raise ValueError(f"model.num_steps must be >= 0, got {num_steps}")
+    if model.resample_mask is not None:
+        mask = np.asarray(model.resample_mask)
+        if mask.dtype != np.bool_ or mask.shape != (num_steps,):
+            raise ValueError(f"resample_mask must be a static bool array of shape ({num_steps},), "
+                             f"got {mask.dtype}{list(mask.shape)}")
     key = _abstract(jax.random.PRNGKey(0) if key is None else key)
     t = jax.ShapeDtypeStruct((), jnp.int32)
     particles, log_weights = jax.eval_shape(lambda k: model.init(k, num_particles), key)

@@ -224,3 +224,15 @@ def test_bad_done_and_move_are_caught():
     with pytest.raises(ValueError, match="move"):
         smc.run(jax.random.PRNGKey(0),
                 smc.FeynmanKac(toy_init, toy_step, 2, move=lambda k, x, t: x[:2]), 8)
+
+
+def test_resample_mask_vetoes_resampling_outside_the_window():
+    window = np.arange(6) < 3
+    fk = counting_model(num_steps=6, increment=3.0)._replace(resample_mask=window)
+    for threshold in (0.5, 1.0):
+        result = smc.run(jax.random.PRNGKey(0), fk, 64, ess_threshold=threshold)
+        assert not np.any(np.asarray(result.resampled)[~window])
+        if threshold == 1.0:
+            assert np.all(np.asarray(result.resampled)[window])
+    with pytest.raises(ValueError, match="resample_mask"):
+        smc.run(jax.random.PRNGKey(0), fk._replace(resample_mask=np.ones(5, bool)), 8)
