@@ -90,6 +90,7 @@ class PowerResult(NamedTuple):
     ess: Array              # [T + 1] ESS trace
     resampled: Array        # [T] resampled before step t
     num_steps: Array        # steps taken
+    nan_increments: Any = None  # [T + 1] particles with a NaN increment per step (engine trace)
 
     @property
     def weights(self) -> Array:
@@ -150,6 +151,59 @@ def exponent_schedule(alpha: float, ramp_length: int):
         jnp.asarray(t, jnp.float32) / ramp_length, 1.0)
 
 
+# ----------------------------------------------------------------------------- shared pieces
+def init_particles(lm, params, prompt, prompt_length, n: int, T: int, eos: int) -> PowerParticles:
+    """N particles holding the prompt's cache and next-token distribution, nothing generated."""
+    cache, logprobs = lm.prefill(params, prompt[None, :], prompt_length[None])
+    cache, logprobs = jax.tree_util.tree_map(
+        lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), (cache, logprobs))
+    return PowerParticles(
+        cache=cache, logprobs=logprobs.astype(jnp.float32),
+        tokens=jnp.full((n, T), eos, jnp.int32), length=jnp.zeros((n,), jnp.int32),
+        done=jnp.zeros((n,), bool), eos=jnp.zeros((n,), bool),
+        logp=jnp.zeros((n,), jnp.float32))
+
+
+def propose_token(key, particles: PowerParticles, logq_all, t, T: int, forced_eos: bool, eos: int):
+    """Token ``y_t`` (0-based position t) of every row from ``logq_all`` [N, V].
+
+    Forced EOS at ``t = T - 1`` (point mass, ``log q = 0``); finished rows get EOS.
+    Returns ``(tok, logq, lp_tok, forced, ends)``: ``lp_tok = log p(tok | prefix)`` and ``ends``
+    (EOS, cut at T or forced EOS).
+    """
+    live = ~particles.done
+    tok = jax.random.categorical(key, logq_all, axis=-1).astype(jnp.int32)
+    logq = jnp.take_along_axis(logq_all, tok[:, None], axis=-1)[:, 0]
+    forced = jnp.asarray(False)
+    if forced_eos:
+        forced = t == T - 1  # the proposal is the point mass on EOS, whatever q_t drew
+        tok = jnp.where(forced, eos, tok)
+        logq = jnp.where(forced, 0.0, logq)
+    tok = jnp.where(live, tok, eos)
+    lp_tok = jnp.take_along_axis(particles.logprobs, tok[:, None], axis=-1)[:, 0]
+    ends = (tok == eos) | (t + 1 >= T)
+    return tok, logq, lp_tok, forced, ends
+
+
+def advance(lm, params, particles: PowerParticles, tok, lp_tok, ends, t, prompt_length, eos: int,
+            live=None) -> PowerParticles:
+    """Append ``tok`` at position t to the ``live`` rows (default: unfinished); others frozen.
+
+    Frozen rows are fed at position ``max_len``, which writes nothing to the cache.
+    """
+    live = ~particles.done if live is None else live
+    position = jnp.where(live, prompt_length + t, lm.max_len)
+    cache, next_logprobs = lm.decode(params, particles.cache, tok, position)
+    return PowerParticles(
+        cache=cache,
+        logprobs=jnp.where(live[:, None], next_logprobs.astype(jnp.float32), particles.logprobs),
+        tokens=particles.tokens.at[:, t].set(tok),
+        length=particles.length + live.astype(jnp.int32),
+        done=particles.done | (live & ends),
+        eos=particles.eos | (live & (tok == eos)),
+        logp=jnp.where(live, particles.logp + lp_tok, particles.logp))
+
+
 # ----------------------------------------------------------------------------- the model
 def power_feynman_kac(lm, params, prompt, *, alpha: float, max_new_tokens: int,
                       prompt_length=None, ramp_length: int = 0, forced_eos: bool = False,
@@ -181,19 +235,11 @@ def power_feynman_kac(lm, params, prompt, *, alpha: float, max_new_tokens: int,
     exponent = exponent_schedule(alpha, ramp_length)
     # q_t = p^{a_t} / C_t exactly: the token-independent log C_t form of the weight applies.
     exact_form = proposal_alpha is None and top_k is None and top_p is None
-    max_len = lm.max_len
 
     def init(key, n):
         del key
-        cache, logprobs = lm.prefill(params, prompt[None, :], prompt_length[None])
-        cache, logprobs = jax.tree_util.tree_map(
-            lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), (cache, logprobs))
-        particles = PowerParticles(
-            cache=cache, logprobs=logprobs.astype(jnp.float32),
-            tokens=jnp.full((n, T), eos, jnp.int32), length=jnp.zeros((n,), jnp.int32),
-            done=jnp.zeros((n,), bool), eos=jnp.zeros((n,), bool),
-            logp=jnp.zeros((n,), jnp.float32))
-        return particles, jnp.zeros((n,), jnp.float32)
+        return (init_particles(lm, params, prompt, prompt_length, n, T, eos),
+                jnp.zeros((n,), jnp.float32))
 
     def step(key, particles: PowerParticles, t):
         a_prev, a_t = exponent(t), exponent(t + 1)
@@ -201,14 +247,8 @@ def power_feynman_kac(lm, params, prompt, *, alpha: float, max_new_tokens: int,
         logprobs = particles.logprobs
         live = ~particles.done
         logq_all = filtered_logprobs(logprobs, 1.0 / b_t, top_k, top_p)
-        tok = jax.random.categorical(key, logq_all, axis=-1).astype(jnp.int32)
-        logq = jnp.take_along_axis(logq_all, tok[:, None], axis=-1)[:, 0]
-        if forced_eos:
-            forced = t == T - 1  # the proposal is the point mass on EOS, whatever q_t drew
-            tok = jnp.where(forced, eos, tok)
-            logq = jnp.where(forced, 0.0, logq)
-        tok = jnp.where(live, tok, eos)
-        lp_tok = jnp.take_along_axis(logprobs, tok[:, None], axis=-1)[:, 0]
+        tok, logq, lp_tok, forced, ends = propose_token(key, particles, logq_all, t, T,
+                                                        forced_eos, eos)
         if exact_form:
             token_term = logsumexp(a_t * logprobs, axis=-1)          # log C_t
             if forced_eos:
@@ -216,23 +256,12 @@ def power_feynman_kac(lm, params, prompt, *, alpha: float, max_new_tokens: int,
         else:
             token_term = a_t * lp_tok - logq
         new_logp = particles.logp + lp_tok
-        ends = (tok == eos) | (t + 1 >= T)
         # bridging: raise a sequence that ends before the ramp does to the final exponent
         # (guarded so that 0 * -inf never makes a NaN)
         bridge = jnp.where(ends & (a_t != alpha), (alpha - a_t) * new_logp, 0.0)
         increment = (a_t - a_prev) * particles.logp + token_term + bridge
         increment = jnp.where(live, increment, 0.0)
-
-        position = jnp.where(live, prompt_length + t, max_len)
-        cache, next_logprobs = lm.decode(params, particles.cache, tok, position)
-        new = PowerParticles(
-            cache=cache,
-            logprobs=jnp.where(live[:, None], next_logprobs.astype(jnp.float32), logprobs),
-            tokens=particles.tokens.at[:, t].set(tok),
-            length=particles.length + live.astype(jnp.int32),
-            done=particles.done | (live & ends),
-            eos=particles.eos | (live & (tok == eos)),
-            logp=jnp.where(live, new_logp, particles.logp))
+        new = advance(lm, params, particles, tok, lp_tok, ends, t, prompt_length, eos)
         return new, increment
 
     def done(particles: PowerParticles):
@@ -259,7 +288,8 @@ def power_smc(key, lm, params, prompt, *, alpha: float, num_particles: int, max_
     p = result.particles
     return PowerResult(tokens=p.tokens, length=p.length, eos=p.eos, logp=p.logp,
                        log_weights=result.log_weights, log_evidence=result.log_evidence,
-                       ess=result.ess, resampled=result.resampled, num_steps=result.num_steps)
+                       ess=result.ess, resampled=result.resampled, num_steps=result.num_steps,
+                       nan_increments=result.nan_increments)
 
 
 def draw(key, result: PowerResult):
