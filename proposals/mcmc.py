@@ -19,14 +19,16 @@ rejected, so particles never become NaN and never enter a region of log-density 
 whose *current* log-density is not finite stays where it is (every move from it is rejected):
 start chains inside the support.
 
-Each call evaluates the log-density (and gradient) at the current point and at the proposal; no
-value is cached between calls.
+A call evaluates the log-density (and gradient) at the current point and at the proposal, unless
+``cache=`` passes back the values the previous call returned in ``MoveInfo.cache`` (same kernel,
+same log-density); ``run_chain`` does so, so a chain costs one evaluation per step.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +48,14 @@ class MoveInfo(NamedTuple):
     log_accept_ratio: float [N], log of the acceptance probability, min(0, log a); -inf for a
         proposal rejected because something was not finite. exp(log_accept_ratio) averaged over
         particles is a lower-variance estimate of the acceptance rate than ``accepted``.
+    cache: the log-density (and its gradient, for MALA and pCNL) at the returned particles, a
+        tuple to pass back as ``cache=`` to the next call of the same kernel and log-density, so
+        that each step evaluates the log-density once, at the proposal (``run_chain`` does this).
     """
 
     accepted: Array
     log_accept_ratio: Array
+    cache: Any = None
 
 
 class ChainResult(NamedTuple):
@@ -142,18 +148,22 @@ def _value_and_grad(log_fn: Callable, z: Array) -> tuple[Array, Array]:
 
 
 def _accept(
-    key: Array, x: Array, x_prop: Array, log_ratio: Array, *finite: Array
+    key: Array, x: Array, x_prop: Array, log_ratio: Array, current: tuple, proposed: tuple
 ) -> tuple[Array, MoveInfo]:
-    """MH accept/reject; anything non-finite (log a, the values in `finite`, x') rejects."""
+    """MH accept/reject; anything non-finite (log a, x', the values in `current` and `proposed`)
+    rejects. `current`/`proposed`: the log-density (and gradient) at x and x'; the info's cache
+    holds them at the returned particles."""
     ok = jnp.isfinite(log_ratio) & jnp.all(jnp.isfinite(x_prop), axis=-1)
-    for value in finite:
+    for value in current + proposed:
         ok = ok & jnp.all(jnp.isfinite(value).reshape(value.shape[0], -1), axis=-1)
     log_u = jnp.log(jax.random.uniform(key, log_ratio.shape, dtype=log_ratio.dtype))
     accepted = ok & (log_u < log_ratio)
     # `where` selects x, so a NaN proposal never leaks into the particles.
     x_new = jnp.where(accepted[:, None], x_prop, x)
     log_prob = jnp.where(ok, jnp.minimum(log_ratio, 0.0), -jnp.inf)
-    return x_new, MoveInfo(accepted=accepted, log_accept_ratio=log_prob)
+    cache = tuple(jnp.where(accepted.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+                  for old, new in zip(current, proposed))
+    return x_new, MoveInfo(accepted=accepted, log_accept_ratio=log_prob, cache=cache)
 
 
 def _pcn_rho(h: Array) -> tuple[Array, Array]:
@@ -165,7 +175,8 @@ def _pcn_rho(h: Array) -> tuple[Array, Array]:
 # Kernels
 
 
-def rwmh(key: Array, x: PyTree, log_density: LogFn, step_size) -> tuple[PyTree, MoveInfo]:
+def rwmh(key: Array, x: PyTree, log_density: LogFn, step_size, cache=None
+         ) -> tuple[PyTree, MoveInfo]:
     """Random-walk Metropolis: x' = x + step_size * xi, log a = log p(x') - log p(x).
 
     x: [N, d] (or pytree, leading axis N); step_size: scalar or [N], the proposal's standard
@@ -174,13 +185,14 @@ def rwmh(key: Array, x: PyTree, log_density: LogFn, step_size) -> tuple[PyTree, 
     flat, unravel, log_fn, h = _prepare(x, log_density, step_size)
     key_xi, key_u = jax.random.split(key)
     x_prop = flat + h * jax.random.normal(key_xi, flat.shape, flat.dtype)
-    logp = _value(log_fn, flat)
+    (logp,) = (_value(log_fn, flat),) if cache is None else cache
     logp_prop = _value(log_fn, x_prop)
-    x_new, info = _accept(key_u, flat, x_prop, logp_prop - logp, logp, logp_prop)
+    x_new, info = _accept(key_u, flat, x_prop, logp_prop - logp, (logp,), (logp_prop,))
     return unravel(x_new), info
 
 
-def mala(key: Array, x: PyTree, log_density: LogFn, step_size) -> tuple[PyTree, MoveInfo]:
+def mala(key: Array, x: PyTree, log_density: LogFn, step_size, cache=None
+         ) -> tuple[PyTree, MoveInfo]:
     """MALA: x' = x + (h/2) grad log p(x) + sqrt(h) xi, h = step_size (a variance).
 
     log a = log p(x') - log p(x) + log q(x | x') - log q(x' | x),
@@ -189,7 +201,7 @@ def mala(key: Array, x: PyTree, log_density: LogFn, step_size) -> tuple[PyTree, 
     """
     flat, unravel, log_fn, h = _prepare(x, log_density, step_size)
     key_xi, key_u = jax.random.split(key)
-    logp, grad = _value_and_grad(log_fn, flat)
+    logp, grad = _value_and_grad(log_fn, flat) if cache is None else cache
     x_prop = flat + 0.5 * h * grad + jnp.sqrt(h) * jax.random.normal(key_xi, flat.shape, flat.dtype)
     logp_prop, grad_prop = _value_and_grad(log_fn, x_prop)
 
@@ -197,11 +209,12 @@ def mala(key: Array, x: PyTree, log_density: LogFn, step_size) -> tuple[PyTree, 
         return -jnp.sum((z - y - 0.5 * h * grad_y) ** 2, axis=-1) / (2.0 * h[:, 0])
 
     log_ratio = logp_prop - logp + log_q(flat, x_prop, grad_prop) - log_q(x_prop, flat, grad)
-    x_new, info = _accept(key_u, flat, x_prop, log_ratio, logp, grad, logp_prop, grad_prop)
+    x_new, info = _accept(key_u, flat, x_prop, log_ratio, (logp, grad), (logp_prop, grad_prop))
     return unravel(x_new), info
 
 
-def pcn(key: Array, x: PyTree, log_likelihood: LogFn, step_size) -> tuple[PyTree, MoveInfo]:
+def pcn(key: Array, x: PyTree, log_likelihood: LogFn, step_size, cache=None
+        ) -> tuple[PyTree, MoveInfo]:
     """Preconditioned Crank-Nicolson for N(x; 0, I) exp(Phi(x)), Phi = log_likelihood.
 
     x' = rho x + sqrt(1 - rho^2) xi, log a = Phi(x') - Phi(x) (the move is reversible for the
@@ -212,13 +225,14 @@ def pcn(key: Array, x: PyTree, log_likelihood: LogFn, step_size) -> tuple[PyTree
     key_xi, key_u = jax.random.split(key)
     rho, scale = _pcn_rho(h)
     x_prop = rho * flat + scale * jax.random.normal(key_xi, flat.shape, flat.dtype)
-    phi = _value(log_fn, flat)
+    (phi,) = (_value(log_fn, flat),) if cache is None else cache
     phi_prop = _value(log_fn, x_prop)
-    x_new, info = _accept(key_u, flat, x_prop, phi_prop - phi, phi, phi_prop)
+    x_new, info = _accept(key_u, flat, x_prop, phi_prop - phi, (phi,), (phi_prop,))
     return unravel(x_new), info
 
 
-def pcnl(key: Array, x: PyTree, log_likelihood: LogFn, step_size) -> tuple[PyTree, MoveInfo]:
+def pcnl(key: Array, x: PyTree, log_likelihood: LogFn, step_size, cache=None
+         ) -> tuple[PyTree, MoveInfo]:
     """Preconditioned Crank-Nicolson Langevin for N(x; 0, I) exp(Phi(x)) (reference.md, sec. 4).
 
     rho = (1 - h/4)/(1 + h/4), h = step_size;
@@ -231,7 +245,7 @@ def pcnl(key: Array, x: PyTree, log_likelihood: LogFn, step_size) -> tuple[PyTre
     key_xi, key_u = jax.random.split(key)
     rho, scale = _pcn_rho(h)
     half_sqrt_h = 0.5 * jnp.sqrt(h)
-    phi, grad = _value_and_grad(log_fn, flat)
+    phi, grad = _value_and_grad(log_fn, flat) if cache is None else cache
     xi = jax.random.normal(key_xi, flat.shape, flat.dtype)
     x_prop = rho * flat + scale * (xi + half_sqrt_h * grad)
     phi_prop, grad_prop = _value_and_grad(log_fn, x_prop)
@@ -242,7 +256,7 @@ def pcnl(key: Array, x: PyTree, log_likelihood: LogFn, step_size) -> tuple[PyTre
         return phi_y - (h[:, 0] / 8.0) * sq + half_sqrt_h[:, 0] * inner
 
     log_ratio = big_g(x_prop, flat, phi_prop, grad_prop) - big_g(flat, x_prop, phi, grad)
-    x_new, info = _accept(key_u, flat, x_prop, log_ratio, phi, grad, phi_prop, grad_prop)
+    x_new, info = _accept(key_u, flat, x_prop, log_ratio, (phi, grad), (phi_prop, grad_prop))
     return unravel(x_new), info
 
 
@@ -253,6 +267,14 @@ def pcnl(key: Array, x: PyTree, log_likelihood: LogFn, step_size) -> tuple[PyTre
 # product targets, d -> infinity). pCN and pCNL have no dimension scaling to optimise, so they
 # borrow the rates of the finite-dimensional moves they reduce to (random walk, Langevin).
 TARGET_ACCEPTANCE: dict[Callable, float] = {rwmh: 0.234, mala: 0.574, pcn: 0.234, pcnl: 0.574}
+
+
+def _accepts_cache(fn: Callable) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def run_chain(
@@ -267,11 +289,21 @@ def run_chain(
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer; got {num_steps}")
 
-    def body(x, step_key):
-        x, info = kernel_fn(step_key, x)
-        return x, (jnp.exp(info.log_accept_ratio), x if return_all else None)
+    keys = jax.random.split(key, int(num_steps))
+    # The first step computes the log-density (and gradient) at x; later steps reuse the values
+    # the previous step returned in `info.cache` (a kernel without a cache recomputes).
+    x, info = kernel_fn(keys[0], x)
+    cache = info.cache if _accepts_cache(kernel_fn) else None
 
-    x, (accept_prob, states) = jax.lax.scan(body, x, jax.random.split(key, int(num_steps)))
+    def body(carry, step_key):
+        x, cache = carry
+        x, info = kernel_fn(step_key, x) if cache is None else kernel_fn(step_key, x, cache=cache)
+        carry = (x, None if cache is None else info.cache)
+        return carry, (jnp.exp(info.log_accept_ratio), x if return_all else None)
+
+    first = (jnp.exp(info.log_accept_ratio), x if return_all else None)
+    (x, _), rest = jax.lax.scan(body, (x, cache), keys[1:])
+    accept_prob, states = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
     return ChainResult(x=x, acceptance_rate=jnp.mean(accept_prob, axis=0), states=states)
 
 

@@ -313,3 +313,19 @@ def test_traced_step_size_is_not_checked():
     x = jnp.ones((3, 2))
     out, _ = jax.jit(lambda h: rwmh(jax.random.key(0), x, log_density, h))(0.5)
     assert out.shape == (3, 2)
+
+
+@pytest.mark.parametrize("kernel", [rwmh, mala, pcn, pcnl])
+def test_cached_chain_equals_recomputing_chain(kernel):
+    # run_chain passes each step's log-density (and gradient) to the next through `cache=`; a
+    # wrapper without that argument recomputes them. Same draws, so the same chain.
+    def log_fn(z):
+        return -0.5 * jnp.sum((z - 1.0) ** 2 / jnp.array([1.0, 2.0]))
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (300, 2))
+    key = jax.random.PRNGKey(1)
+    cached = run_chain(key, lambda k, z, cache=None: kernel(k, z, log_fn, 0.3, cache=cache), x, 10,
+                       return_all=True)
+    recomputed = run_chain(key, lambda k, z: kernel(k, z, log_fn, 0.3), x, 10, return_all=True)
+    np.testing.assert_allclose(cached.states, recomputed.states, atol=1e-5)
+    np.testing.assert_allclose(cached.acceptance_rate, recomputed.acceptance_rate, atol=1e-5)
