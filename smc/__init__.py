@@ -8,4 +8,4 @@ from smc import resampling, tempering, weights
 from smc.engine import SMCResult, SMCState, run
 from smc.feynman_kac import FeynmanKac
 
-__all__ = ["FeynmanKac", "SMCResult", "SMCState", "run", "resampling", "tempering", "weights"]
+__all__ = ["FeynmanKac", "SMCResult", "SMCState", "resampling", "run", "tempering", "weights"]

@@ -5,7 +5,8 @@ log Z_hat = sum_t log sum_i W_{t-1}[i] exp(G_t[i]) is kept as a running total, s
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ class SMCResult(NamedTuple):
     nan_increments: Array
     num_steps: Array
     degenerate: Array
-    ancestors: Optional[Array] = None
+    ancestors: Array | None = None
 
     @property
     def weights(self) -> Array:
@@ -108,9 +109,9 @@ def resample_move(
     *,
     resampling: Resampler,
     ess_threshold: float,
-    move: Optional[Callable[[Array, PyTree, Array], PyTree]],
+    move: Callable[[Array, PyTree, Array], PyTree] | None,
     branchless: bool = False,
-    allowed: Optional[Array] = None,
+    allowed: Array | None = None,
 ) -> tuple[SMCState, Array, Array]:
     """Resample (and then move) when ESS < threshold * N; threshold 1 = always, 0 = never.
 
@@ -155,7 +156,7 @@ def run(
     ess_threshold: float = 0.5,
     *,
     record_ancestors: bool = False,
-    mesh: Optional[Mesh] = None,
+    mesh: Mesh | None = None,
     axis_name: str = "particles",
     islands: bool = False,
 ) -> SMCResult:

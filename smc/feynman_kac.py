@@ -1,7 +1,8 @@
 """The Feynman-Kac model: initial law and potential, then T (kernel, potential) steps."""
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 
@@ -30,6 +31,6 @@ class FeynmanKac(NamedTuple):
     init: InitFn
     step: StepFn
     num_steps: int
-    done: Optional[DoneFn] = None
-    move: Optional[MoveFn] = None
-    resample_mask: Optional[Any] = None
+    done: DoneFn | None = None
+    move: MoveFn | None = None
+    resample_mask: Any | None = None

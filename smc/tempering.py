@@ -6,12 +6,12 @@ conditional ESS of those increments on the *current weighted* particles equals t
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import logsumexp
 
 from smc import resampling as resampling_lib
 from smc import weights as weights_lib
@@ -48,11 +48,8 @@ def next_exponent(
     log_w = weights_lib.log_normalize(log_weights)
 
     def cess(next_exp: Array) -> Array:
-        # weights_lib.conditional_ess with log_normalize(log_weights) hoisted out of the loop.
-        increments = _increments(next_exp - exponent, log_likelihoods)
-        numerator = 2.0 * logsumexp(log_w + increments)
-        denominator = logsumexp(log_w + 2.0 * increments)
-        return n * jnp.exp(numerator - denominator)
+        return weights_lib.conditional_ess(
+            log_w, _increments(next_exp - exponent, log_likelihoods), normalized=True)
 
     def running(carry):
         # Stop early once the bracket can no longer change; the result is the same as running all
@@ -125,7 +122,7 @@ def adaptive(
     resampling: Callable[..., Array] = resampling_lib.systematic,
     ess_threshold: float = 1.0,
     max_steps: int = 100,
-    waste_free_chains: Optional[int] = None,
+    waste_free_chains: int | None = None,
 ) -> TemperedResult:
     """Adaptive tempered SMC: reweight to the next lambda, resample (ESS rule), move at lambda'.
 

@@ -33,14 +33,16 @@ def ess(log_weights: Array) -> Array:
     return jnp.where(jnp.isneginf(logsumexp(log_weights)), 0.0, value)
 
 
-def conditional_ess(log_weights: Array, log_increments: Array) -> Array:
+def conditional_ess(log_weights: Array, log_increments: Array, *, normalized: bool = False
+                    ) -> Array:
     """Conditional ESS of increments g on weighted particles W: N (sum W g)^2 / sum W g^2, in [1, N].
 
     Zhou, Johansen and Aston (2016); equals ESS(g) when W is uniform. Used to pick the next
-    tempering exponent on the *current* weighted cloud.
+    tempering exponent on the *current* weighted cloud. `normalized`: log_weights are already
+    log W (saves the normalisation inside a bisection).
     """
     n = log_weights.shape[0]
-    log_w = log_normalize(log_weights)
+    log_w = log_weights if normalized else log_normalize(log_weights)
     numerator = 2.0 * logsumexp(log_w + log_increments)
     denominator = logsumexp(log_w + 2.0 * log_increments)
     return n * jnp.exp(numerator - denominator)
