@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import smc
+from experiments import markdown
 from targets.toy import lgssm
 
 COLUMNS = ("model", "N", "T", "ess_threshold", "resampled steps", "bare ms", "SMC ms",
@@ -119,13 +120,10 @@ def bench(num_particles: int, num_steps: int, dim: int, thresholds: list[float],
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['N']} | {row['T']} | {row['ess_threshold']} | "
-            f"{row['resampled']:.1f} | {row['bare_ms']:.1f} | {row['smc_ms']:.1f} | "
-            f"{row['ratio']:.2f} | {row['min_ratio']:.2f} |")
-    return "\n".join(lines) + "\n"
+    cells = ([row["model"], str(row["N"]), str(row["T"]), str(row["ess_threshold"]),
+              f"{row['resampled']:.1f}", f"{row['bare_ms']:.1f}", f"{row['smc_ms']:.1f}",
+              f"{row['ratio']:.2f}", f"{row['min_ratio']:.2f}"] for row in rows)
+    return markdown.table(COLUMNS, cells, [False] + [True] * 8)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

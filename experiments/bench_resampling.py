@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import markdown
 from smc import resampling as ours
 
 SCHEMES = ("systematic", "stratified", "multinomial", "residual", "ssp", "killing")
@@ -80,16 +81,10 @@ def bench(scheme: str, n: int, repeats: int, seed: int = 0) -> dict:
 
 def to_markdown(rows: list[dict]) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
-    lines = [
-        "| scheme | N | ours ms | particles ms | blackjax ms |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['scheme']} | {row['N']:.0e} | {fmt(row['ours_ms'])} | "
-            f"{fmt(row['particles_ms'])} | {fmt(row['blackjax_ms'])} |"
-        )
-    return "\n".join(lines) + "\n"
+    cells = ([row["scheme"], f"{row['N']:.0e}", fmt(row["ours_ms"]), fmt(row["particles_ms"]),
+              fmt(row["blackjax_ms"])] for row in rows)
+    return markdown.table(("scheme", "N", "ours ms", "particles ms", "blackjax ms"), cells,
+                          [False] + [True] * 4)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import smc
+from experiments import markdown
 from proposals import mcmc
 from targets.toy import gaussian
 
@@ -155,13 +156,10 @@ def bench(num_particles: int, replicates: int, problem: Problem, seed: int = 0) 
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        lines.append(
-            f"| {row['target_ess']} | {row['N']} | {row['library']} | {row['steps']:.1f} | "
-            f"{row['ms']:.1f} | {row['abs_error']:.3f} ± {row['abs_error_se']:.3f} | "
-            f"{row['bias']:+.3f} | {row['ratio']:.2f} |")
-    return "\n".join(lines) + "\n"
+    cells = ([str(row["target_ess"]), str(row["N"]), row["library"], f"{row['steps']:.1f}",
+              f"{row['ms']:.1f}", f"{row['abs_error']:.3f} ± {row['abs_error_se']:.3f}",
+              f"{row['bias']:+.3f}", f"{row['ratio']:.2f}"] for row in rows)
+    return markdown.table(COLUMNS, cells, [True, True, False] + [True] * 5)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -167,14 +167,20 @@ def run_tempering(config: TemperingConfig, key: jax.Array, mesh: Mesh | None = N
             "exponents": [round(float(v), 6) for v in exponents]}
 
 
+def _first_seed_per_config(records: list[dict], metric: str) -> dict[str, dict]:
+    """The lowest-seed record of each configuration that has `metric`, keyed by its config."""
+    firsts: dict[str, dict] = {}
+    for record in sorted(records, key=lambda r: r.get("seed", 0)):
+        if metric in record.get("metrics", {}):
+            firsts.setdefault(str(sorted(record["config"].items())), record)
+    return firsts
+
+
 def plot_schedules(records: list[dict], out_dir) -> list:
     """The exponent schedule lambda_t of the first seed of each configuration."""
     import matplotlib.pyplot as plt
 
-    firsts: dict[str, dict] = {}
-    for record in sorted(records, key=lambda r: r.get("seed", 0)):
-        if "exponents" in record.get("metrics", {}):
-            firsts.setdefault(str(sorted(record["config"].items())), record)
+    firsts = _first_seed_per_config(records, "exponents")
     if not firsts:
         return []
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -198,10 +204,7 @@ def plot_ess(records: list[dict], out_dir) -> list:
     """ESS / N over time for the first seed of each configuration."""
     import matplotlib.pyplot as plt
 
-    firsts: dict[str, dict] = {}
-    for record in sorted(records, key=lambda r: r.get("seed", 0)):
-        if "ess_trace" in record.get("metrics", {}):
-            firsts.setdefault(str(sorted(record["config"].items())), record)
+    firsts = _first_seed_per_config(records, "ess_trace")
     if not firsts:
         return []
     fig, ax = plt.subplots(figsize=(6, 3.8))
