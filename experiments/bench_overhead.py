@@ -146,12 +146,7 @@ def main(argv: list[str] | None = None) -> str:
         f"SMC overhead, `{command}`: `smc.run` (systematic resampling when ESS < threshold x N) "
         f"over bare propagation (the same `model.step` in a `lax.scan`, no weights); median "
         f"ms over {args.repeats} repeats, ratio = median of the per-repeat ratios, and the ratio of the fastest runs ({jax.devices()[0].platform}).\n\n")
-    text = caption + to_markdown(rows)
-    print(text, end="")
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
-    return text
+    return markdown.emit(caption + to_markdown(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -96,12 +96,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     rows = [bench(s, n, args.repeats) for s in args.schemes for n in args.sizes]
-    table = to_markdown(rows)
     header = f"Resampling, median ms over {args.repeats} repeats ({jax.devices()[0].platform}).\n\n"
-    print(header + table, end="")
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(header + table)
+    markdown.emit(header + to_markdown(rows), args.out)
     return rows
 
 

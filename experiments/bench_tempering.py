@@ -191,12 +191,7 @@ def main(argv: list[str] | None = None) -> str:
         f"(scale {args.step_size}) per SMC step; median wall time and mean |log Z_hat - log Z| "
         f"(± s.e.) and mean log Z_hat - log Z over {args.replicates} replicates "
         f"({jax.devices()[0].platform}).\n\n")
-    text = caption + to_markdown(rows)
-    print(text, end="")
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
-    return text
+    return markdown.emit(caption + to_markdown(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -10,3 +10,12 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric: Sequenc
              "|" + "|".join("---:" if right else "---" for right in numeric) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
+
+
+def emit(text: str, out: str | None) -> str:
+    """Print a benchmark's Markdown and, with `out`, write it to that file; returns the text."""
+    print(text, end="")
+    if out:
+        with open(out, "w") as handle:
+            handle.write(text)
+    return text

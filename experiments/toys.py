@@ -176,6 +176,15 @@ def _first_seed_per_config(records: list[dict], metric: str) -> dict[str, dict]:
     return firsts
 
 
+def _save(fig, path) -> list:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def plot_schedules(records: list[dict], out_dir) -> list:
     """The exponent schedule lambda_t of the first seed of each configuration."""
     import matplotlib.pyplot as plt
@@ -193,11 +202,7 @@ def plot_schedules(records: list[dict], out_dir) -> list:
     ax.set_ylabel("exponent $\\lambda_t$")
     ax.set_title("adaptive tempering schedule (first seed)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "tempering_schedule.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return _save(fig, out_dir / "tempering_schedule.png")
 
 
 def plot_ess(records: list[dict], out_dir) -> list:
@@ -217,11 +222,7 @@ def plot_ess(records: list[dict], out_dir) -> list:
     ax.set_ylim(0, 1.05)
     ax.set_title("bootstrap filter: ESS over time (first seed)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "lgssm_ess.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return _save(fig, out_dir / "lgssm_ess.png")
 
 
 register(Experiment(
