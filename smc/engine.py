@@ -54,7 +54,7 @@ class SMCResult(NamedTuple):
 
     @property
     def weights(self) -> Array:
-        """Normalised weights W [N]."""
+        """Normalised weights W [N] (per run when runs are vmapped: [..., N])."""
         return weights_lib.normalize(self.log_weights)
 
 

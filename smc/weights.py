@@ -1,4 +1,5 @@
-"""Weight utilities, all in log space. Shapes: log_weights [N]."""
+"""Weight utilities, all in log space. Shapes: log_weights [..., N]: leading axes are batches
+(e.g. runs vmapped over keys), each normalised on its own."""
 from __future__ import annotations
 
 import jax
@@ -9,15 +10,15 @@ Array = jax.Array
 
 
 def normalize(log_weights: Array) -> Array:
-    """W = softmax(logw), [N]. All -inf gives zeros rather than NaN."""
-    total = logsumexp(log_weights)
+    """W = softmax(logw) over the last axis, [..., N]. All -inf gives zeros rather than NaN."""
+    total = logsumexp(log_weights, axis=-1, keepdims=True)
     safe = jnp.where(jnp.isneginf(total), 0.0, total)
     return jnp.where(jnp.isneginf(total), 0.0, jnp.exp(log_weights - safe))
 
 
 def log_normalize(log_weights: Array) -> Array:
-    """log W = logw - logsumexp(logw), [N]."""
-    return log_weights - logsumexp(log_weights)
+    """log W = logw - logsumexp(logw) over the last axis, [..., N]."""
+    return log_weights - logsumexp(log_weights, axis=-1, keepdims=True)
 
 
 def log_mean_exp(log_values: Array, axis: int | None = None) -> Array:
@@ -27,10 +28,10 @@ def log_mean_exp(log_values: Array, axis: int | None = None) -> Array:
 
 
 def ess(log_weights: Array) -> Array:
-    """Effective sample size 1 / sum W^2 in [1, N]; 0 when every weight is zero."""
+    """Effective sample size 1 / sum W^2 in [1, N], [...]; 0 when every weight is zero."""
     log_w = log_normalize(log_weights)
-    value = jnp.exp(-logsumexp(2.0 * log_w))
-    return jnp.where(jnp.isneginf(logsumexp(log_weights)), 0.0, value)
+    value = jnp.exp(-logsumexp(2.0 * log_w, axis=-1))
+    return jnp.where(jnp.isneginf(logsumexp(log_weights, axis=-1)), 0.0, value)
 
 
 def conditional_ess(log_weights: Array, log_increments: Array, *, normalized: bool = False

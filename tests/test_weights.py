@@ -44,3 +44,12 @@ def test_dead_and_single_particles():
     one = jnp.array([-jnp.inf, 2.0, -jnp.inf])
     np.testing.assert_array_equal(weights.normalize(one), [0.0, 1.0, 0.0])
     assert float(weights.ess(one)) == 1.0
+
+
+def test_batched_weights_normalise_each_row_on_its_own():
+    log_w = jnp.array([[0.0, jnp.log(3.0)], [-jnp.inf, -jnp.inf], [1.0, 1.0]])
+    w = weights.normalize(log_w)
+    np.testing.assert_allclose(w, [[0.25, 0.75], [0.0, 0.0], [0.5, 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(weights.ess(log_w), [1.0 / (0.25**2 + 0.75**2), 0.0, 2.0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(jnp.exp(weights.log_normalize(log_w[::2])).sum(-1), 1.0, rtol=1e-6)
