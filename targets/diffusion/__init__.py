@@ -1,4 +1,4 @@
-"""Score-model targets: SDE schedules and Feynman-Kac Correctors."""
-from targets.diffusion import fkc, sde
+"""Score-model targets: SDE schedules, Feynman-Kac Correctors, reward-guided SMC, Psi-Sampler."""
+from targets.diffusion import fkc, psi, reward, sde
 
-__all__ = ["fkc", "sde"]
+__all__ = ["fkc", "psi", "reward", "sde"]
