@@ -30,6 +30,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                   ["--sizes", "64", "--replicates", "2", "--dim", "3", "--target-ess", "0.5"]),
     "overhead": ("experiments.bench_overhead", [],
                  ["--particles", "64", "--steps", "5", "--dim", "8", "--repeats", "1"]),
+    "fkc": ("experiments.bench_fkc", [],
+            ["--sizes", "64", "--steps", "5", "--repeats", "1", "--thresholds", "1.0"]),
 }
 
 

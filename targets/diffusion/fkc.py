@@ -19,8 +19,8 @@ Non-finite values: a particle whose scores or new position are not finite gets a
 which the engine counts in `SMCResult.nan_increments` (log Z_hat then becomes NaN).
 
 Resampling is the engine's: pass `resampling` and `ess_threshold` to `smc.run` (the published code
-resamples at every step, ess_threshold=1.0). Resampling only inside a time window needs a per-step
-resampling mask in the core and is not offered yet.
+resamples at every step, ess_threshold=1.0). `resample_window` allows resampling only in a leading
+fraction of the reverse steps (the model's `resample_mask`), as the published image code does.
 """
 from __future__ import annotations
 

@@ -1,0 +1,134 @@
+"""FKC overhead: FKC SMC over the bare reverse SDE with the same score, particles and steps.
+
+    python -m experiments.bench_fkc [--sizes 256 1024 4096 16384] [--steps 100] [--beta 2]
+                                    [--repeats 21] [--out f.md]
+
+Target: `gmm.four_modes()` annealed to p^beta with its exact noised score (VP schedule,
+`sde.time_grid(steps)`). FKC is `smc.run` on `fkc.anneal` (`bench_overhead.smc_run`: systematic
+resampling when ESS < threshold x N, thresholds 0.5 and 1.0 = always). The bare sampler is the
+reverse SDE that FKC's proposal is, Euler-Maruyama with the drift -f + beta g^2 s (`fkc.drift`,
+`proposals.sde.euler_maruyama`) in a `lax.scan`: no weights, no ESS, no log Z, no resampling.
+Both are jitted and warmed up; repeats run round-robin (the order rotating) so that load from
+other processes hits all alike; the ratio is the median over repeats of FKC time / bare time
+within each repeat, with the ratio of the fastest times beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import markdown
+from experiments.bench_overhead import _time, smc_run
+from proposals import sde as sde_proposals
+from targets.diffusion import fkc, sde
+from targets.toy import gmm
+
+COLUMNS = ("N", "steps", "ess_threshold", "resampled steps", "bare ms", "FKC ms", "FKC / bare",
+           "min FKC / min bare")
+VP = sde.VP()
+
+
+def bare_sampler(score: sde.ScoreFn, beta: float, times: np.ndarray, num_particles: int,
+                 dim: int = 2) -> Callable[[jax.Array], jax.Array]:
+    """jitted key -> x [N, d]: the reverse SDE of FKC's annealing proposal, without weights."""
+    ts = jnp.asarray(times[:-1], jnp.float32)
+    dtaus = jnp.asarray(times[:-1] - times[1:], jnp.float32)
+    betas = jnp.asarray([beta], jnp.float32)
+    init_std = float(np.sqrt(VP.sigma2(times[0]) / beta))
+
+    @jax.jit
+    def run(key):
+        key_init, key_loop = jax.random.split(key)
+        x = init_std * jax.random.normal(key_init, (num_particles, dim), jnp.float32)
+
+        def body(x, inputs):
+            key, t, dtau = inputs
+            g2 = sde.g2(VP, t)
+            mean_drift = fkc.drift(sde.f(VP, x, t), g2, score(x, t)[None], betas)
+            return sde_proposals.euler_maruyama(key, x, mean_drift, jnp.sqrt(g2), dtau)[0], None
+
+        keys = jax.random.split(key_loop, len(ts))
+        return jax.lax.scan(body, x, (keys, ts, dtaus))[0]
+
+    return run
+
+
+def paired_times(calls: dict, keys: jax.Array) -> tuple[dict, dict]:
+    """(ms, outputs) of each call for keys[1:], round-robin with a rotating order (so that
+    drifts in the machine's load hit every call alike); keys[0] warms up."""
+    for fn in calls.values():
+        jax.block_until_ready(fn(keys[0]))
+    times: dict = {name: [] for name in calls}
+    outputs: dict = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(1, len(keys)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            ms, out = _time(calls[name], keys[r])
+            times[name].append(ms)
+            outputs[name].append(out)
+    return times, outputs
+
+
+def bench(num_particles: int, num_steps: int, beta: float, thresholds: list[float],
+          repeats: int, seed: int = 0) -> list[dict]:
+    """One row per ess_threshold; the bare time is shared."""
+    times = sde.time_grid(num_steps)
+    score = gmm.noised_score(gmm.four_modes(), VP)
+    model = fkc.anneal(score, beta, schedule=VP, times=times, dim=2)
+    calls = {"bare": bare_sampler(score, beta, times, num_particles)}
+    calls.update({threshold: smc_run(model, num_particles, threshold)
+                  for threshold in thresholds})
+    ms, outputs = paired_times(calls, jax.random.split(jax.random.key(seed), repeats + 1))
+    rows = []
+    for threshold in thresholds:
+        # Paired: each FKC time over the bare time of the same repeat, taken back to back.
+        ratio = statistics.median(f / b for f, b in zip(ms[threshold], ms["bare"]))
+        rows.append({"N": num_particles, "steps": num_steps, "ess_threshold": threshold,
+                     "resampled": float(np.mean([int(out[2]) for out in outputs[threshold]])),
+                     "bare_ms": statistics.median(ms["bare"]),
+                     "fkc_ms": statistics.median(ms[threshold]), "ratio": ratio,
+                     "min_ratio": min(ms[threshold]) / min(ms["bare"])})
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    cells = ([str(row["N"]), str(row["steps"]), str(row["ess_threshold"]),
+              f"{row['resampled']:.1f}", f"{row['bare_ms']:.2f}", f"{row['fkc_ms']:.2f}",
+              f"{row['ratio']:.2f}", f"{row['min_ratio']:.2f}"] for row in rows)
+    return markdown.table(COLUMNS, cells, [True] * len(COLUMNS))
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--beta", type=float, default=2.0)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 1.0])
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--out", type=str, default=None, help="also write the Markdown table here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(argv)
+    rows = [row for n in args.sizes
+            for row in bench(n, args.steps, args.beta, args.thresholds, args.repeats)]
+    command = " ".join(["python -m experiments.bench_fkc", *argv])
+    caption = (
+        f"FKC overhead, `{command}`: FKC SMC (`fkc.anneal`, beta = {args.beta}, on the 4-mode "
+        f"mixture with its exact score; systematic resampling when ESS < threshold x N) over the "
+        f"bare reverse SDE (the same drift, score, N and steps; no weights, no resampling); "
+        f"median ms over {args.repeats} repeats, ratio = median of the per-repeat ratios, and the "
+        f"ratio of the fastest runs ({jax.devices()[0].platform}).\n\n")
+    return markdown.emit(caption + to_markdown(rows), args.out)
+
+
+if __name__ == "__main__":
+    main()
