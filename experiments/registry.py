@@ -28,10 +28,10 @@ from typing import Any
 
 from experiments.config import ConfigError, suggest
 
-# Modules that register experiments when imported. Later experiments (FKC annealing, reward-guided
-# SMC vs best-of-N, Power-SMC, ...) add theirs here; the demo includes every experiment with a
+# Modules that register experiments when imported; the demo includes every experiment with a
 # `demo`, in this order.
-MODULES: list[str] = ["experiments.toys"]
+MODULES: list[str] = ["experiments.toys", "experiments.fkc", "experiments.das",
+                      "experiments.digits.experiment"]
 
 RunFn = Callable[..., dict]
 PlotFn = Callable[[list, Any], list]

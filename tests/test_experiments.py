@@ -328,12 +328,14 @@ def test_no_mesh_when_the_particles_do_not_split(monkeypatch):
 
 def test_demo_quick(tmp_path, env):
     out = tmp_path / "demo"
-    proc = cli(["demo", "--quick", "--out", str(out)], env, check=0, timeout=170)
-    for name in ("lgssm", "tempering"):
+    proc = cli(["demo", "--quick", "--out", str(out)], env, check=0, timeout=400)
+    demos = [e.name for e in registry.all_experiments() if e.demo is not None]
+    for name in demos:
         assert name in proc.stdout
     assert "demo finished" in proc.stdout and "exact_log_evidence" in proc.stdout
     records = lines_of(out / "results.jsonl")
-    assert {r["experiment"] for r in records} == {"lgssm", "tempering"} and len(records) == 8
-    assert all(r["metrics"]["abs_error"] < 5 for r in records)
+    assert {r["experiment"] for r in records} == set(demos)
+    assert all(r["metrics"]["abs_error"] < 5 for r in records
+               if r["experiment"] in ("lgssm", "tempering"))
     assert (out / "report.md").exists() and (out / "tempering_schedule.png").exists()
     assert (out / "lgssm_abs_error_vs_num_particles.png").exists()

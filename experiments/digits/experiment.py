@@ -1,0 +1,389 @@
+"""Digits experiments: reward-guided sampling (`digits_reward`) and FKC guidance and products
+(`digits_fkc`) with the shipped score network and classifier (`experiments.digits.networks`).
+
+digits_reward: target p(x0) exp(r(x0) / alpha), r(x0) = log p_clf(label | x0), from the
+unconditional score network, at an equal budget of score-network evaluations:
+  smc          reward-guided SMC (`targets.diffusion.reward.reward_smc`), gradient guidance
+  psi          Psi-Sampler (`targets.diffusion.psi.psi_sampler`): pCNL initial particles, then
+               reward SMC with lambda = 1; no gradient guidance by default (`psi_guidance`):
+               with lambda = 1 from t = 1, the shift grad r(x0_hat) carries 1 / alpha_t (~150
+               at t = 1, VP) and throws the particles far off the data (seen: |x| ~ 100)
+  guidance     the smc proposal, weights ignored (the same run without resampling)
+  best_of_n    base-model samples, the best of each group of `best_of` by reward
+digits_fkc: FKC classifier-free guidance q_u^{1-w} q_c^w at each w of `guidance_weights`, and the
+product of experts p(x | label) p(x | thick) / p(x) (exponents 1, 1, -1), each with its FKC
+weights ("fkc") and without ("plain": the same sampler, no weights, no resampling); "joint" is the
+network's own p(x | label, thick), for reference.
+
+Budget: one forward pass of the score network on one particle counts 1, a forward pass with its
+vector-Jacobian product (gradient guidance, pCNL) counts 2; the classifier is not counted.
+Metrics per method (weighted by the final SMC weights where there are weights): reward (mean
+log p_clf(label | x)), accuracy (classifier argmax == label), thick (fraction with ink above the
+label's median), diversity (mean pairwise L2 distance), frechet (Frechet distance in the
+classifier's penultimate features to the real test digits of the label; of the label and the
+thickness for the product), ess, and the budget; `images_<method>` are 16 samples (drawn by the
+weights) for the PNG grids. `real_train_*`: the same metrics for the real training digits (no
+budget), the floor that the Frechet distance reaches with this many reference images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+import smc
+from experiments import timing
+from experiments.config import ConfigError, param
+from experiments.digits import data as data_lib
+from experiments.digits import metrics, networks
+from experiments.registry import Experiment, register
+from targets.diffusion import fkc, sde
+
+NUM_IMAGES = 16
+SCHEMES = lambda: sorted(smc.resampling.SCHEMES)
+DIM = data_lib.DIM
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces: the networks, scoring a weighted sample, drawing images
+
+
+@functools.lru_cache(maxsize=1)
+def _networks():
+    eps_net, eps_params, clf_net, clf_params = networks.load()
+    classify = jax.jit(networks.logits_and_features(clf_net, clf_params))
+    return eps_net, eps_params, classify
+
+
+def _score(label: int | None = None, thick: int | None = None) -> sde.ScoreFn:
+    eps_net, eps_params, _ = _networks()
+    return networks.score(eps_net, eps_params, sde.VP(), label, thick)
+
+
+def _reference_features(label: int, thick: int | None = None) -> np.ndarray:
+    test = data_lib.load().test
+    keep = test.label == label
+    if thick is not None:
+        keep &= test.thick == thick
+    _, features = _networks()[2](jnp.asarray(test.x[keep]))
+    return np.asarray(features, np.float64)
+
+
+def real_train_metrics(label: int, reference: np.ndarray, thick: int | None = None) -> dict:
+    """The metrics of the real training digits of the label (and thickness): the floor that
+    the Frechet distance to the test digits can reach with this many reference images."""
+    train = data_lib.load().train
+    keep = train.label == label
+    if thick is not None:
+        keep &= train.thick == thick
+    return evaluate(train.x[keep], None, label, reference)
+
+
+def evaluate(x, log_weights, label: int, reference: np.ndarray) -> dict[str, Any]:
+    """Metrics of a weighted sample x [N, 64] (log_weights None: uniform) for class `label`."""
+    x = np.asarray(x, np.float64)
+    if not np.all(np.isfinite(x)):
+        return {"degenerate": True, "nonfinite_samples": int(np.sum(~np.isfinite(x).all(1)))}
+    if log_weights is None:
+        w = metrics.uniform(x.shape[0])
+    else:
+        log_weights = np.asarray(log_weights, np.float64)
+        if not np.any(np.isfinite(log_weights)) or np.any(np.isnan(log_weights)):
+            # A degenerate or NaN run says so instead of reporting NaN metrics.
+            return {"degenerate": True}
+        w = np.exp(log_weights - log_weights.max())
+        w /= w.sum()
+    logits, features = _networks()[2](jnp.asarray(x, jnp.float32))
+    log_p = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    median = data_lib.load().median_ink
+    return {"degenerate": False,
+            "reward": metrics.weighted_mean(log_p[:, label], w),
+            "accuracy": metrics.weighted_mean(np.argmax(log_p, axis=1) == label, w),
+            "thick": metrics.weighted_mean(data_lib.thickness(x, np.full(len(x), label), median),
+                                           w),
+            "diversity": metrics.mean_pairwise_distance(x, w),
+            # Below 2 effective particles there is no covariance to compare.
+            "frechet": (metrics.weighted_frechet(np.asarray(features, np.float64), w, reference)
+                        if metrics.ess(w) >= 2.0 else None),
+            "ess": metrics.ess(w),
+            "images": _draw_images(x, w)}
+
+
+def _draw_images(x: np.ndarray, w: np.ndarray) -> list:
+    """NUM_IMAGES rows of x drawn by systematic resampling with weights w (fixed key), rounded."""
+    idx = smc.resampling.systematic(jax.random.PRNGKey(0), jnp.log(jnp.asarray(w)), NUM_IMAGES)
+    return np.round(np.clip(x[np.asarray(idx)], -1.0, 1.0), 3).tolist()
+
+
+def _flatten(method: str, values: dict[str, Any], budget: int) -> dict[str, Any]:
+    out = {f"{method}_{k}": v for k, v in values.items() if k != "images"}
+    out[f"{method}_evaluations"] = int(budget)
+    if "images" in values:
+        out[f"images_{method}"] = values["images"]
+    return out
+
+
+def _run_unweighted(key, model: smc.FeynmanKac, num_particles: int):
+    """The model's particles without resampling; weights returned for the caller to drop."""
+    return smc.run(key, model, num_particles, ess_threshold=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# digits_fkc: classifier-free guidance and a product of experts, with and without FKC weights
+
+
+@dataclasses.dataclass(frozen=True)
+class FKCConfig:
+    label: int = param(3, "digit class to generate", low=0, high=9)
+    thick: int = param(1, "thickness of the product of experts (1 thick, 0 thin)", low=0, high=1)
+    guidance_weights: str = param("1,2,4", "comma-separated CFG weights w")
+    num_particles: int = param(256, "particles N of each sampler", low=2)
+    num_steps: int = param(100, "reverse-time Euler-Maruyama steps T", low=1)
+    ess_threshold: float = param(0.5, "resample when ESS < threshold * N", low=0.0, high=1.0)
+    resampling: str = param("systematic", "resampling scheme", choices=SCHEMES)
+
+    def weights(self) -> list[float]:
+        try:
+            values = [float(v) for v in self.guidance_weights.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or not all(np.isfinite(values)):
+            raise ConfigError(f"guidance_weights={self.guidance_weights!r} must be a "
+                              f"comma-separated list of finite numbers")
+        return values
+
+    def check(self) -> None:
+        self.weights()
+
+
+def _fkc_models(config: FKCConfig) -> dict[str, tuple[smc.FeynmanKac, int]]:
+    """Name -> (FKC model, score evaluations per particle per step)."""
+    times, vp = sde.time_grid(config.num_steps), sde.VP()
+    common = {"schedule": vp, "times": times, "dim": DIM}
+    uncond, cond = _score(), _score(config.label)
+    models = {f"cfg_w{w:g}": (fkc.cfg(uncond, cond, w, **common), 2) for w in config.weights()}
+    models["product"] = (fkc.correctors([cond, _score(thick=config.thick), uncond],
+                                        [1.0, 1.0, -1.0], **common), 3)
+    return models
+
+
+@functools.lru_cache(maxsize=16)
+def _fkc_program(config: FKCConfig, mesh: Mesh | None):
+    models = _fkc_models(config)
+    joint = fkc.anneal(_score(config.label, config.thick), 1.0, schedule=sde.VP(),
+                       times=sde.time_grid(config.num_steps), dim=DIM)
+    resampler = smc.resampling.get(config.resampling)
+    n = config.num_particles
+
+    def program(key):
+        out = {}
+        for i, (name, (model, _)) in enumerate(models.items()):
+            k = jax.random.fold_in(key, i)
+            weighted = smc.run(k, model, n, resampling=resampler,
+                               ess_threshold=config.ess_threshold, mesh=mesh)
+            plain = _run_unweighted(k, model, n)
+            out[name] = (weighted.particles, weighted.log_weights, weighted.nan_increments.sum(),
+                         plain.particles)
+        out["joint"] = _run_unweighted(jax.random.fold_in(key, len(models)), joint, n).particles
+        return out
+
+    return timing.jit(program), {name: k for name, (_, k) in models.items()}
+
+
+def run_fkc(config: FKCConfig, key: jax.Array, mesh: Mesh | None = None) -> dict:
+    program, experts = _fkc_program(config, mesh)
+    out = program(key)
+    per_step = config.num_particles * config.num_steps
+    ref_label = _reference_features(config.label)
+    ref_both = _reference_features(config.label, config.thick)
+    result: dict[str, Any] = {"reference_images": len(ref_label),
+                              "reference_images_product": len(ref_both)}
+    result.update(_flatten("real_train", real_train_metrics(config.label, ref_label), 0))
+    result.update(_flatten("real_train_product",
+                           real_train_metrics(config.label, ref_both, config.thick), 0))
+    for name, (x, log_w, nans, plain_x) in ((k, v) for k, v in out.items() if k != "joint"):
+        reference = ref_both if name == "product" else ref_label
+        budget = per_step * experts[name]
+        result.update(_flatten(f"{name}_fkc", evaluate(x, log_w, config.label, reference), budget))
+        result[f"{name}_fkc_nan_increments"] = int(nans)
+        result.update(_flatten(f"{name}_plain", evaluate(plain_x, None, config.label, reference),
+                               budget))
+    result.update(_flatten("joint", evaluate(out["joint"], None, config.label, ref_both),
+                           per_step))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# digits_reward: reward-guided SMC, Psi-Sampler, uncorrected guidance and best-of-N
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    label: int = param(3, "digit class rewarded: r(x0) = log p_clf(label | x0)", low=0, high=9)
+    alpha: float = param(0.1, "reward temperature: target p(x0) exp(r(x0) / alpha)", low=0.0,
+                         low_open=True)
+    num_particles: int = param(256, "particles N of reward-guided SMC (sets the budget)", low=2)
+    num_steps: int = param(100, "reverse-time steps T", low=2)
+    guidance: float = param(1.0, "gradient-guidance scale of the SMC proposal", low=0.0)
+    exponents: str = param("das", "twist schedule lambda_t", choices=("das", "constant",
+                                                                      "adaptive"))
+    ess_threshold: float = param(0.5, "resample when ESS < threshold * N", low=0.0, high=1.0)
+    resampling: str = param("systematic", "resampling scheme", choices=SCHEMES)
+    best_of: int = param(8, "best-of-N: group size n (outputs = samples / n)", low=1)
+    psi_chains: int = param(4, "Psi-Sampler: pCNL chains", low=1)
+    psi_burn_in: int = param(50, "Psi-Sampler: burn-in steps per chain", low=0)
+    psi_thin: int = param(5, "Psi-Sampler: keep every thin-th chain state", low=1)
+    psi_step_size: float = param(0.5, "Psi-Sampler: pCNL step size h", low=0.0, low_open=True)
+    psi_guidance: float = param(0.0, "Psi-Sampler: gradient-guidance scale of its SMC (its "
+                                "lambda = 1 from t = 1 makes guidance unstable here)", low=0.0)
+
+
+def psi_particles(budget: int, smc_cost: int, config: RewardConfig) -> int:
+    """The most Psi-Sampler particles (a multiple of psi_chains) whose chains (forward + gradient,
+    2 per chain step) and SMC (smc_cost per particle) fit in `budget`; 0 if none do."""
+    from targets.diffusion import psi
+
+    n = (budget - 2 * config.psi_chains * config.psi_burn_in) // (smc_cost + 2 * config.psi_thin)
+    n -= n % config.psi_chains
+    while n > 0 and 2 * psi.chain_evaluations(n, config.psi_chains, config.psi_burn_in,
+                                              config.psi_thin) + n * smc_cost > budget:
+        n -= config.psi_chains
+    return max(n, 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _reward_program(config: RewardConfig, mesh: Mesh | None):
+    from targets.diffusion import psi
+    from targets.diffusion import reward as reward_lib
+
+    _, _, classify = _networks()
+    r = lambda x: jax.nn.log_softmax(classify(x)[0], axis=-1)[:, config.label]
+    times = sde.time_grid(config.num_steps)
+    score = _score()
+    common = {"alpha": config.alpha, "schedule": sde.VP(), "times": times, "dim": DIM}
+    model = reward_lib.reward_smc(score, r, exponents=config.exponents,
+                                  guidance=config.guidance, **common)
+    cost = (2 if config.guidance > 0 else 1) * reward_lib.score_evaluations(times)
+    psi_cost = (2 if config.psi_guidance > 0 else 1) * reward_lib.score_evaluations(times)
+    budget = config.num_particles * cost
+    num_psi = psi_particles(budget, psi_cost, config)
+    num_base = budget // config.num_steps
+    if num_psi < 2 or num_base < config.best_of:
+        raise ConfigError(f"the budget of {budget} evaluations buys {num_psi} Psi-Sampler "
+                          f"particles and {num_base} base samples: raise num_particles")
+    psi_model = psi.psi_sampler(score, r, step_size=config.psi_step_size,
+                                num_chains=config.psi_chains, burn_in=config.psi_burn_in,
+                                thin=config.psi_thin, guidance=config.psi_guidance, **common)
+    base = fkc.anneal(score, 1.0, schedule=sde.VP(), times=times, dim=DIM)
+    resampler = smc.resampling.get(config.resampling)
+    n = config.num_particles
+
+    def program(key):
+        k_smc, k_psi, k_base = jax.random.split(key, 3)
+        out = {}
+        for name, k, m, size in (("smc", k_smc, model, n), ("psi", k_psi, psi_model, num_psi)):
+            result = smc.run(k, m, size, resampling=resampler,
+                             ess_threshold=config.ess_threshold,
+                             mesh=mesh if size == n else None)
+            out[name] = (result.particles.x, result.log_weights, result.nan_increments.sum())
+        out["guidance"] = _run_unweighted(k_smc, model, n).particles.x
+        base_x = _run_unweighted(k_base, base, num_base).particles
+        out["base"] = (base_x, r(base_x))
+        return out
+
+    budgets = {"smc": budget, "guidance": budget, "best_of_n": num_base * config.num_steps,
+               "psi": 2 * psi.chain_evaluations(num_psi, config.psi_chains, config.psi_burn_in,
+                                                config.psi_thin) + num_psi * psi_cost}
+    return timing.jit(program), budgets
+
+
+def run_reward(config: RewardConfig, key: jax.Array, mesh: Mesh | None = None) -> dict:
+    program, budgets = _reward_program(config, mesh)
+    out = program(key)
+    reference = _reference_features(config.label)
+    result: dict[str, Any] = {"budget": budgets["smc"], "reference_images": len(reference)}
+    result.update(_flatten("real_train", real_train_metrics(config.label, reference), 0))
+    for name in ("smc", "psi"):
+        x, log_w, nans = out[name]
+        result.update(_flatten(name, evaluate(x, log_w, config.label, reference), budgets[name]))
+        result[f"{name}_particles"] = len(x)
+        result[f"{name}_nan_increments"] = int(nans)
+    result.update(_flatten("guidance", evaluate(out["guidance"], None, config.label, reference),
+                           budgets["guidance"]))
+    best_x = best_of(*out["base"], config.best_of)
+    result.update(_flatten("best_of_n", evaluate(best_x, None, config.label, reference),
+                           budgets["best_of_n"]))
+    result["best_of_n_outputs"] = len(best_x)
+    return result
+
+
+def best_of(x, rewards, group: int) -> np.ndarray:
+    """The highest-reward row of each consecutive group of `group` rows of x [M, d] (a remainder
+    of fewer rows is dropped): [M // group, d]."""
+    x, rewards = np.asarray(x), np.asarray(rewards)
+    groups = len(rewards) // group
+    best = np.argmax(rewards[: groups * group].reshape(groups, group), axis=1)
+    return x[: groups * group].reshape(groups, group, -1)[np.arange(groups), best]
+
+
+# ---------------------------------------------------------------------------------------------
+# Image grids
+
+
+def plot_grids(records: list[dict], out_dir) -> list:
+    """One PNG per configuration (its lowest seed): NUM_IMAGES samples of every method."""
+    import matplotlib.pyplot as plt
+
+    paths, seen = [], set()
+    for record in sorted(records, key=lambda r: r.get("seed", 0)):
+        config = str(sorted(record.get("config", {}).items()))
+        methods = [k[len("images_"):] for k in record.get("metrics", {}) if k.startswith("images_")]
+        if config in seen or not methods:
+            continue
+        seen.add(config)
+        fig, axes = plt.subplots(len(methods), 1, figsize=(8, 0.8 * len(methods) + 0.4),
+                                 squeeze=False)
+        for ax, method in zip(axes[:, 0], methods):
+            images = np.asarray(record["metrics"][f"images_{method}"]).reshape(-1, 8, 8)
+            ax.imshow(np.concatenate(list(images), axis=1), cmap="gray_r", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(method, rotation=0, ha="right", va="center", fontsize=8)
+        fig.suptitle(f"{record.get('experiment', '')} " + ", ".join(
+            f"{k}={v}" for k, v in sorted(record["config"].items())
+            if k in ("label", "alpha", "thick", "guidance_weights")), fontsize=8)
+        path = pathlib.Path(out_dir) / f"{record.get('experiment', 'digits')}_{len(paths)}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+register(Experiment(
+    name="digits_fkc",
+    description="8x8 digits: FKC classifier-free guidance and a product of experts (class x "
+                "thickness / unconditional), with and without FKC weights",
+    config_type=FKCConfig,
+    run=run_fkc,
+    summary_metrics=("cfg_w2_fkc_accuracy", "cfg_w2_plain_accuracy", "product_fkc_thick",
+                     "product_plain_thick", "product_fkc_frechet", "product_plain_frechet"),
+    plots=plot_grids,
+))
+
+register(Experiment(
+    name="digits_reward",
+    description="8x8 digits: reward-guided SMC, Psi-Sampler, uncorrected guidance and best-of-N "
+                "for a classifier reward at an equal score-network budget",
+    config_type=RewardConfig,
+    run=run_reward,
+    summary_metrics=("budget", "smc_reward", "psi_reward", "guidance_reward", "best_of_n_reward",
+                     "smc_accuracy", "psi_accuracy", "guidance_accuracy", "best_of_n_accuracy"),
+    plots=plot_grids,
+))
