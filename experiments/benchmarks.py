@@ -32,6 +32,9 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                  ["--particles", "64", "--steps", "5", "--dim", "8", "--repeats", "1"]),
     "fkc": ("experiments.bench_fkc", [],
             ["--sizes", "64", "--steps", "5", "--repeats", "1", "--thresholds", "1.0"]),
+    "power": ("experiments.bench_power", [],
+              ["--prompts", "1", "--particles", "2", "--tokens", "2", "--mh-block", "1",
+               "--mh-steps", "1", "--repeats", "1"]),
 }
 
 

