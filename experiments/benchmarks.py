@@ -35,6 +35,9 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "power": ("experiments.bench_power", [],
               ["--prompts", "1", "--particles", "2", "--tokens", "2", "--mh-block", "1",
                "--mh-steps", "1", "--repeats", "1"]),
+    "decode": ("experiments.bench_decode", [],
+               ["--batches", "1", "2", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
+                "--scan-layers", "--in-process"]),
 }
 
 

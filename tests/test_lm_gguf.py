@@ -138,7 +138,7 @@ def test_unsupported_tensor_type(tmp_path):
 def test_load_dequantises_and_unpermutes(tmp_path, qtype, tol, tied):
     p = tmp_path / "tiny.gguf"
     hf = write_tiny_llama(p, qtype=qtype, tied=tied)
-    cfg, params, meta = load_llama_numpy(p)
+    cfg, params, _ = load_llama_numpy(p)
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim) == (2, 64, 4, 2, 96)
     assert cfg.tie_embeddings == tied and ("lm_head" in params) == (not tied)
     assert cfg.rope_base == 10000.0 and abs(cfg.norm_eps - 1e-5) < 1e-12

@@ -24,6 +24,7 @@ def generate(model, params, key, prompt_tokens, prompt_lengths, *, max_new_token
     Returns a dict: ``tokens [B, max_new_tokens]`` (EOS-padded after a row stops), ``length [B]``
     (generated tokens, the EOS included), ``finished [B]`` (ended with EOS), ``logp [B]`` (model
     log-probability of the generated tokens) and ``logq [B]`` (proposal log-probability).
+    ``eos_id=-1`` matches no token: every row runs ``max_new_tokens`` (e.g. for benchmarks).
     """
     sampler = sampler or make_sampler(1.0)
     eos = model.eos_id if eos_id is None else eos_id
@@ -32,12 +33,12 @@ def generate(model, params, key, prompt_tokens, prompt_lengths, *, max_new_token
         raise ValueError(f"prompt width {prompt_tokens.shape[1]} + max_new_tokens "
                          f"{max_new_tokens} exceeds the model's max_len {model.max_len}")
     cache, logprobs = model.prefill(params, prompt_tokens, prompt_lengths)
-    state = dict(
-        step=jnp.zeros((), jnp.int32), key=key, cache=cache, logprobs=logprobs,
-        tokens=jnp.full((B, max_new_tokens), eos, jnp.int32),
-        done=jnp.zeros((B,), bool), finished=jnp.zeros((B,), bool),
-        length=jnp.zeros((B,), jnp.int32),
-        logp=jnp.zeros((B,), jnp.float32), logq=jnp.zeros((B,), jnp.float32))
+    state = {
+        "step": jnp.zeros((), jnp.int32), "key": key, "cache": cache, "logprobs": logprobs,
+        "tokens": jnp.full((B, max_new_tokens), eos, jnp.int32),
+        "done": jnp.zeros((B,), bool), "finished": jnp.zeros((B,), bool),
+        "length": jnp.zeros((B,), jnp.int32),
+        "logp": jnp.zeros((B,), jnp.float32), "logq": jnp.zeros((B,), jnp.float32)}
 
     def cond(s):
         return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
@@ -51,14 +52,14 @@ def generate(model, params, key, prompt_tokens, prompt_lengths, *, max_new_token
         is_eos = live & (tok == eos)
         pos = jnp.where(live, prompt_lengths + s["step"], model.max_len)
         cache, logprobs = model.decode(params, s["cache"], tok, pos)
-        return dict(
-            step=s["step"] + 1, key=key, cache=cache, logprobs=logprobs,
-            tokens=s["tokens"].at[:, s["step"]].set(tok),
-            done=s["done"] | is_eos | (s["step"] + 1 >= max_new_tokens),
-            finished=s["finished"] | is_eos,
-            length=s["length"] + live.astype(jnp.int32),
-            logp=s["logp"] + jnp.where(live, lp, 0.0),
-            logq=s["logq"] + jnp.where(live, lq, 0.0))
+        return {
+            "step": s["step"] + 1, "key": key, "cache": cache, "logprobs": logprobs,
+            "tokens": s["tokens"].at[:, s["step"]].set(tok),
+            "done": s["done"] | is_eos | (s["step"] + 1 >= max_new_tokens),
+            "finished": s["finished"] | is_eos,
+            "length": s["length"] + live.astype(jnp.int32),
+            "logp": s["logp"] + jnp.where(live, lp, 0.0),
+            "logq": s["logq"] + jnp.where(live, lq, 0.0)}
 
     s = jax.lax.while_loop(cond, body, state)
     return {k: s[k] for k in ("tokens", "length", "finished", "logp", "logq")}

@@ -14,6 +14,7 @@ queries, keys and RoPE agree; tests check this against a reference that keeps th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import importlib.util
 import os
@@ -67,7 +68,7 @@ def default_gguf_path() -> Path:
         res = importlib.resources.files(DEFAULT_GGUF_PACKAGE).joinpath(DEFAULT_GGUF_FILE)
         if res.is_file():
             return Path(str(res))
-    except Exception:  # pragma: no cover - importing the package may fail without its deps
+    except Exception:  # noqa: BLE001, S110 # pragma: no cover - importing it may fail
         pass
     raise GGUFError(f"package '{DEFAULT_GGUF_PACKAGE}' is installed but {DEFAULT_GGUF_FILE} "
                     f"is not in it (looked in {locations})")
@@ -82,16 +83,25 @@ def _gguf():
 
 
 def open_gguf(path: str | os.PathLike | None = None):
-    """Open a GGUF file with ``gguf.GGUFReader``, checking that it exists and is complete."""
-    gguf = _gguf()
+    """Open a GGUF file with ``gguf.GGUFReader``, checking that it exists and is complete.
+
+    Parsing the metadata of a file with a large vocabulary takes seconds, so the reader of an
+    unchanged file (same path, size and modification time) is reused; it is read-only.
+    """
     path = Path(default_gguf_path() if path is None else path)
     if not path.exists():
         raise GGUFError(f"GGUF file not found: {path}")
     if not path.is_file():
         raise GGUFError(f"not a file: {path}")
-    size = path.stat().st_size
+    stat = path.stat()
+    return _open_checked(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)  # readers are small: tensors stay memory-mapped
+def _open_checked(path: str, size: int, mtime_ns: int):
+    gguf = _gguf()
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/... on bad bytes
         raise GGUFError(f"{path}: not a readable GGUF file (corrupt or truncated?): "
                         f"{type(e).__name__}: {e}") from e
@@ -103,8 +113,10 @@ def open_gguf(path: str | os.PathLike | None = None):
     return reader
 
 
+@functools.lru_cache(maxsize=4)
 def metadata(reader) -> dict[str, Any]:
-    """All metadata key/values as Python objects (token lists included)."""
+    """All metadata key/values as Python objects (token lists included); cached per reader, so
+    treat the result as read-only."""
     out = {}
     for k, f in reader.fields.items():
         try:

