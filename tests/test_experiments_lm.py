@@ -2,7 +2,6 @@
 `power_smollm2` (the demo's quick plan through the command line) and `twisted_smollm2` (a number
 format constraint on the real vocabulary, tiny sizes). Exactness of the samplers is tested on
 enumerable models (test_power.py, test_twisted.py, test_potentials_text.py)."""
-import json
 
 import jax
 import pytest
@@ -51,23 +50,6 @@ def test_text_checker(text, ok):
 def test_distinct_n():
     assert E.distinct_n(["a b c", "a b d"], 2) == 3 / 4
     assert E.distinct_n(["a", "a"], 1) == 0.5 and E.distinct_n([""], 2) == 0.0
-
-
-@needs_model
-def test_power_smollm2_quick_demo_plan_through_the_command_line(tmp_path):
-    from experiments.__main__ import main
-    out = tmp_path / "power.jsonl"
-    quick = E.PowerLMConfig()
-    plan = [f"{k}={v}" for k, v in
-            {"method": "power_smc", "num_prompts": 2, "prompt_batch": 2, "num_particles": 2,
-             "max_new_tokens": 3, "keep_texts": 1}.items()]
-    assert quick.method == "power_smc"
-    assert main(["--import", "experiments.power_lm", "run", "power_smollm2", *plan,
-                 "--out", str(out)]) == 0
-    metrics = json.loads(out.read_text().splitlines()[0])["metrics"]
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["logp_per_token"] < 0.0
-    assert metrics["num_prompts"] == 2 and len(metrics["texts"]) == 1
-    assert 2 <= metrics["tokens_generated"] <= 2 * 2 * 3 and metrics["lm_evals"] >= 2 * 2
 
 
 @needs_model
