@@ -18,6 +18,16 @@ def check_num_particles(num_particles: Any) -> None:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
 
 
+def static_finite(name: str, value: Any) -> float:
+    """float(value), refusing a traced value (it must be static) and a non-finite one."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a static Python float, not a traced value")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def check_fraction(name: str, value: Any) -> None:
     if isinstance(value, jax.core.Tracer):
         raise TypeError(f"{name} must be a static Python float, not a traced value")

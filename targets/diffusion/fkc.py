@@ -24,7 +24,6 @@ fraction of the reverse steps (the model's `resample_mask`), as the published im
 """
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import smc
+from smc.validation import static_finite as _finite
 from proposals import sde as sde_proposals
 from targets.diffusion import sde
 
@@ -165,13 +165,6 @@ def product(scores: Sequence[sde.ScoreFn], betas: Sequence[float] | None = None,
 # Validation
 
 
-def _finite(name: str, value) -> float:
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(f"{name} must be a static Python float, not a traced value")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def _positive(name: str, value) -> float:

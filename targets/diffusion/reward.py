@@ -34,7 +34,6 @@ NaN increment, which the engine counts in `SMCResult.nan_increments` (log Z_hat 
 """
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from typing import NamedTuple
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import smc
+from smc.validation import static_finite as _finite
 from proposals import sde as sde_proposals
 from targets.diffusion import sde
 
@@ -251,13 +251,6 @@ def check_alpha(alpha) -> float:
     return alpha
 
 
-def _finite(name: str, value) -> float:
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(f"{name} must be a static Python float, not a traced value")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def _exponents(exponents, gamma: float, num_steps: int) -> np.ndarray:
