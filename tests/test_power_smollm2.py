@@ -9,12 +9,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("gguf")
-from targets.lm.gguf_loader import GGUFError, default_gguf_path
-
-try:
-    GGUF_PATH = default_gguf_path()
-except GGUFError:  # pragma: no cover
-    GGUF_PATH = None
+from smollm2 import GGUF_PATH
 
 
 @pytest.mark.slow
