@@ -1,10 +1,12 @@
 """FKC overhead: FKC SMC over the bare reverse SDE with the same score, particles and steps.
 
-    python -m experiments.bench_fkc [--sizes 256 1024 4096 16384] [--steps 100] [--beta 2]
-                                    [--repeats 21] [--out f.md]
+    python -m experiments.bench_fkc [--score toy|digits] [--sizes 256 1024 4096 16384]
+                                    [--steps 100] [--beta 2] [--repeats 21] [--out f.md]
 
-Target: `gmm.four_modes()` annealed to p^beta with its exact noised score (VP schedule,
-`sde.time_grid(steps)`). FKC is `smc.run` on `fkc.anneal` (`bench_overhead.smc_run`: systematic
+Target: p^beta under the VP schedule (`sde.time_grid(steps)`) for one of two scores: `toy`, the
+exact noised score of `gmm.four_modes()` (2-D, analytic: about as cheap as a score gets, so the
+engine's fixed per-step work shows most), or `digits`, the shipped score network of
+`experiments.digits` (64-D Flax MLP, unconditional): the cost of a real model. FKC is `smc.run` on `fkc.anneal` (`bench_overhead.smc_run`: systematic
 resampling when ESS < threshold x N, thresholds 0.5 and 1.0 = always). The bare sampler is the
 reverse SDE that FKC's proposal is, Euler-Maruyama with the drift -f + beta g^2 s (`fkc.drift`,
 `proposals.sde.euler_maruyama`) in a `lax.scan`: no weights, no ESS, no log Z, no resampling.
@@ -29,7 +31,7 @@ from proposals import sde as sde_proposals
 from targets.diffusion import fkc, sde
 from targets.toy import gmm
 
-COLUMNS = ("N", "steps", "ess_threshold", "resampled steps", "bare ms", "FKC ms", "FKC / bare",
+COLUMNS = ("score", "N", "steps", "ess_threshold", "resampled steps", "bare ms", "FKC ms", "FKC / bare",
            "min FKC / min bare")
 VP = sde.VP()
 
@@ -75,13 +77,24 @@ def paired_times(calls: dict, keys: jax.Array) -> tuple[dict, dict]:
     return times, outputs
 
 
+def score_model(name: str) -> tuple[sde.ScoreFn, int]:
+    """(score, dim) of the benchmark's score: "toy" or "digits"."""
+    if name == "toy":
+        return gmm.noised_score(gmm.four_modes(), VP), 2
+    if name == "digits":
+        from experiments.digits import data, networks
+        eps_net, eps_params, _, _ = networks.load()
+        return networks.score(eps_net, eps_params, VP), data.DIM
+    raise ValueError(f"unknown score {name!r}: use 'toy' or 'digits'")
+
+
 def bench(num_particles: int, num_steps: int, beta: float, thresholds: list[float],
-          repeats: int, seed: int = 0) -> list[dict]:
+          repeats: int, seed: int = 0, score_name: str = "toy") -> list[dict]:
     """One row per ess_threshold; the bare time is shared."""
     times = sde.time_grid(num_steps)
-    score = gmm.noised_score(gmm.four_modes(), VP)
-    model = fkc.anneal(score, beta, schedule=VP, times=times, dim=2)
-    calls = {"bare": bare_sampler(score, beta, times, num_particles)}
+    score, dim = score_model(score_name)
+    model = fkc.anneal(score, beta, schedule=VP, times=times, dim=dim)
+    calls = {"bare": bare_sampler(score, beta, times, num_particles, dim)}
     calls.update({threshold: smc_run(model, num_particles, threshold)
                   for threshold in thresholds})
     ms, outputs = paired_times(calls, jax.random.split(jax.random.key(seed), repeats + 1))
@@ -89,7 +102,7 @@ def bench(num_particles: int, num_steps: int, beta: float, thresholds: list[floa
     for threshold in thresholds:
         # Paired: each FKC time over the bare time of the same repeat, taken back to back.
         ratio = statistics.median(f / b for f, b in zip(ms[threshold], ms["bare"]))
-        rows.append({"N": num_particles, "steps": num_steps, "ess_threshold": threshold,
+        rows.append({"score": score_name, "N": num_particles, "steps": num_steps, "ess_threshold": threshold,
                      "resampled": float(np.mean([int(out[2]) for out in outputs[threshold]])),
                      "bare_ms": statistics.median(ms["bare"]),
                      "fkc_ms": statistics.median(ms[threshold]), "ratio": ratio,
@@ -98,14 +111,16 @@ def bench(num_particles: int, num_steps: int, beta: float, thresholds: list[floa
 
 
 def to_markdown(rows: list[dict]) -> str:
-    cells = ([str(row["N"]), str(row["steps"]), str(row["ess_threshold"]),
+    cells = ([row["score"], str(row["N"]), str(row["steps"]), str(row["ess_threshold"]),
               f"{row['resampled']:.1f}", f"{row['bare_ms']:.2f}", f"{row['fkc_ms']:.2f}",
               f"{row['ratio']:.2f}", f"{row['min_ratio']:.2f}"] for row in rows)
-    return markdown.table(COLUMNS, cells, [True] * len(COLUMNS))
+    return markdown.table(COLUMNS, cells, [False] + [True] * (len(COLUMNS) - 1))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--score", choices=("toy", "digits"), nargs="+", default=["toy"],
+                        help="toy: the 2-D mixture's exact score; digits: the score network")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--beta", type=float, default=2.0)
@@ -118,12 +133,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
-    rows = [row for n in args.sizes
-            for row in bench(n, args.steps, args.beta, args.thresholds, args.repeats)]
+    rows = [row for name in args.score for n in args.sizes
+            for row in bench(n, args.steps, args.beta, args.thresholds, args.repeats,
+                             score_name=name)]
     command = " ".join(["python -m experiments.bench_fkc", *argv])
     caption = (
-        f"FKC overhead, `{command}`: FKC SMC (`fkc.anneal`, beta = {args.beta}, on the 4-mode "
-        f"mixture with its exact score; systematic resampling when ESS < threshold x N) over the "
+        f"FKC overhead, `{command}`: FKC SMC (`fkc.anneal`, beta = {args.beta}; score `toy` = "
+        f"the 4-mode 2-D mixture's exact score, `digits` = the 64-D digits score network; systematic resampling when ESS < threshold x N) over the "
         f"bare reverse SDE (the same drift, score, N and steps; no weights, no resampling); "
         f"median ms over {args.repeats} repeats, ratio = median of the per-repeat ratios, and the "
         f"ratio of the fastest runs ({jax.devices()[0].platform}).\n\n")

@@ -8,7 +8,7 @@ from experiments import bench_fkc, benchmarks
 from targets.diffusion import fkc, sde
 from targets.toy import gmm
 
-QUICK = ["--sizes", "64", "--steps", "5", "--repeats", "1", "--thresholds", "1.0"]
+QUICK = ["--score", "toy", "digits", "--sizes", "64", "--steps", "5", "--repeats", "1", "--thresholds", "1.0"]
 
 
 def test_bare_sampler_is_the_fkc_proposal_without_weights():
@@ -27,9 +27,10 @@ def test_bare_sampler_is_the_fkc_proposal_without_weights():
 
 def test_quick_run_gives_the_table():
     text = benchmarks.run_bench("experiments.bench_fkc", QUICK)
-    assert "python -m experiments.bench_fkc --sizes 64" in text
+    assert "python -m experiments.bench_fkc --score toy digits --sizes 64" in text
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert [c.strip() for c in lines[0].strip("|").split("|")] == list(bench_fkc.COLUMNS)
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    assert [row[2] for row in rows] == ["1.0"] and rows[0][3] == "5.0"   # resampled every step
-    assert all(float(row[6]) > 0 for row in rows)
+    assert [row[0] for row in rows] == ["toy", "digits"]
+    assert all(row[3] == "1.0" and row[4] == "5.0" for row in rows)   # resampled every step
+    assert all(float(row[7]) > 0 for row in rows)

@@ -217,7 +217,7 @@ def test_bf16_weights_close_to_fp32(lm, jitted, prompt):
     c16, lp16 = jax.jit(model16.prefill)(params16, jnp.asarray([prompt]),
                                          jnp.asarray([len(prompt)]))
     _, lp32 = jitted["prefill"](params, jnp.asarray([prompt]), jnp.asarray([len(prompt)]))
-    assert c16["k"].dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(c16))
     p32 = np.exp(np.asarray(lp32[0], np.float64))
     tv = 0.5 * np.abs(np.exp(np.asarray(lp16[0], np.float64)) - p32).sum()
     assert tv < 0.1, tv
