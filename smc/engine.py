@@ -32,6 +32,14 @@ class SMCState(NamedTuple):
     log_evidence: Array
 
 
+class Loop(NamedTuple):
+    """The step loop's carry: the state, log_total = logsumexp(log_weights) and their ESS."""
+
+    state: SMCState
+    log_total: Array
+    ess: Array
+
+
 class SMCResult(NamedTuple):
     """Output of `run`. Traces have one entry per step; entry 0 is the initial weighting.
 
@@ -82,12 +90,17 @@ def reweight(state: SMCState, log_increments: Array) -> tuple[SMCState, Array]:
     Once every weight is zero the evidence stays -inf (never -inf - -inf = NaN); a NaN increment
     propagates to log Z_hat so that it is visible, not hidden.
     """
-    before = logsumexp(state.log_weights)
+    new, increment, _ = _reweight(state, log_increments, logsumexp(state.log_weights))
+    return new, increment
+
+
+def _reweight(state: SMCState, log_increments: Array, before: Array
+              ) -> tuple[SMCState, Array, Array]:
+    """`reweight` given before = logsumexp(logw); also returns after = logsumexp(logw + G)."""
     log_weights = state.log_weights + log_increments
     after = logsumexp(log_weights)
     increment = jnp.where(jnp.isneginf(before), -jnp.inf, after - before)
-    new = SMCState(state.particles, log_weights, state.log_evidence + increment)
-    return new, increment
+    return SMCState(state.particles, log_weights, state.log_evidence + increment), increment, after
 
 
 def resample(key: Array, state: SMCState, resampling: Resampler) -> tuple[SMCState, Array]:
@@ -112,12 +125,13 @@ def resample_move(
     move: Callable[[Array, PyTree, Array], PyTree] | None,
     branchless: bool = False,
     allowed: Array | None = None,
+    ess: Array | None = None,
 ) -> tuple[SMCState, Array, Array]:
     """Resample (and then move) when ESS < threshold * N; threshold 1 = always, 0 = never.
 
     Returns (state, resampled flag, ancestors). `allowed` (bool scalar) can veto resampling at
     this step. `branchless` computes both outcomes and selects (needed when particles are
-    sharded).
+    sharded). `ess`: the current weights' ESS when the caller has it (else computed here).
     """
     n = state.log_weights.shape[0]
     identity = jnp.arange(n, dtype=jnp.int32)
@@ -134,8 +148,9 @@ def resample_move(
     if ess_threshold >= 1.0 and allowed is None:
         state, ancestors = do(state)
         return state, jnp.asarray(True), ancestors
-    flag = (jnp.asarray(True) if ess_threshold >= 1.0
-            else weights_lib.ess(state.log_weights) < ess_threshold * n)
+    if ess_threshold < 1.0 and ess is None:
+        ess = weights_lib.ess(state.log_weights)
+    flag = jnp.asarray(True) if ess_threshold >= 1.0 else ess < ess_threshold * n
     if allowed is not None:
         flag = flag & allowed
     if not branchless:
@@ -199,42 +214,50 @@ def _run(key, model, num_particles, sharding, *, resampling, ess_threshold,
     # G0 is a reweighting of uniform weights, so log Z_hat starts at log mean exp(G0).
     uniform = SMCState(constrain(particles), jnp.zeros_like(log_weights),
                        jnp.zeros((), log_weights.dtype))
-    state, increment0 = reweight(uniform, log_weights)
+    log_n = jnp.log(jnp.asarray(n, log_weights.dtype))
+    state, increment0, total0 = _reweight(uniform, log_weights, log_n)
     nan0 = jnp.sum(jnp.isnan(log_weights)).astype(jnp.int32)
-    ess0 = weights_lib.ess(state.log_weights)
+    ess0 = weights_lib.ess_given_total(state.log_weights, total0)
 
-    def one_step(key: Array, state: SMCState, t: Array):
+    def one_step(key: Array, loop: Loop, t: Array):
+        # The loop carries logsumexp(logw) and the ESS of the weights, so that each step makes
+        # one pass over them for the evidence, the trace and the next resampling decision.
         key_resample, key_step = jax.random.split(key)
         state, flag, ancestors = resample_move(
-            key_resample, state, t, resampling=resampling, ess_threshold=ess_threshold,
+            key_resample, loop.state, t, resampling=resampling, ess_threshold=ess_threshold,
             move=model.move, branchless=sharding is not None,
-            allowed=None if mask is None else mask[t])
+            allowed=None if mask is None else mask[t], ess=loop.ess)
+        # resample resets usable weights to 0 (logsumexp = log n); it leaves dead or NaN ones
+        usable = ~jnp.isneginf(loop.log_total) & ~jnp.isnan(loop.log_total)
+        before = jnp.where(flag & usable, log_n, loop.log_total)
         particles, log_increments = model.step(key_step, state.particles, t)
-        state, increment = reweight(state._replace(particles=constrain(particles)),
-                                    constrain(log_increments))
-        trace = (weights_lib.ess(state.log_weights), increment, flag,
-                 jnp.sum(jnp.isnan(log_increments)).astype(jnp.int32))
+        state, increment, after = _reweight(state._replace(particles=constrain(particles)),
+                                            constrain(log_increments), before)
+        ess = weights_lib.ess_given_total(state.log_weights, after)
+        trace = (ess, increment, flag, jnp.sum(jnp.isnan(log_increments)).astype(jnp.int32))
         if record_ancestors:
             trace = trace + (ancestors,)
-        return state, trace
+        return Loop(state, after, ess), trace
 
     keys = jax.random.split(key_loop, max(num_steps, 1))[:num_steps]
+    loop = Loop(state, total0, ess0)
     if model.done is None:
-        def scan_body(state, inputs):
+        def scan_body(loop, inputs):
             key, t = inputs
-            return one_step(key, state, t)
+            return one_step(key, loop, t)
 
-        state, traces = jax.lax.scan(scan_body, state, (keys, jnp.arange(num_steps, dtype=jnp.int32)))
+        loop, traces = jax.lax.scan(scan_body, loop, (keys, jnp.arange(num_steps, dtype=jnp.int32)))
         steps_taken = jnp.asarray(num_steps, jnp.int32)
     else:
-        state, traces, steps_taken = _while(one_step, model.done, state, keys, num_steps,
-                                            record_ancestors, n, ess0.dtype)
+        loop, traces, steps_taken = _while(one_step, model.done, loop, keys, num_steps,
+                                           record_ancestors, n, ess0.dtype)
+    state = loop.state
 
     ess_trace, increments, flags, nans = traces[:4]
     ess_all = jnp.concatenate([ess0[None], ess_trace])
     increments_all = jnp.concatenate([increment0[None], increments])
     nans_all = jnp.concatenate([nan0[None], nans])
-    degenerate = jnp.isneginf(logsumexp(state.log_weights))
+    degenerate = jnp.isneginf(loop.log_total)
     return SMCResult(
         particles=state.particles,
         log_weights=state.log_weights,
@@ -249,7 +272,7 @@ def _run(key, model, num_particles, sharding, *, resampling, ess_threshold,
     )
 
 
-def _while(one_step, done, state, keys, max_steps, record_ancestors, n, dtype):
+def _while(one_step, done, loop, keys, max_steps, record_ancestors, n, dtype):
     """lax.while_loop over steps until done(particles) holds for all, with static-size traces."""
     traces = (jnp.zeros(max_steps, dtype), jnp.zeros(max_steps, dtype),
               jnp.zeros(max_steps, bool), jnp.zeros(max_steps, jnp.int32))
@@ -257,17 +280,17 @@ def _while(one_step, done, state, keys, max_steps, record_ancestors, n, dtype):
         traces = traces + (jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (max_steps, n)),)
 
     def cond(carry):
-        t, state, _ = carry
-        return (t < max_steps) & ~jnp.all(done(state.particles))
+        t, loop, _ = carry
+        return (t < max_steps) & ~jnp.all(done(loop.state.particles))
 
     def body(carry):
-        t, state, traces = carry
-        state, trace = one_step(keys[t], state, t)
+        t, loop, traces = carry
+        loop, trace = one_step(keys[t], loop, t)
         traces = tuple(buf.at[t].set(value) for buf, value in zip(traces, trace))
-        return t + 1, state, traces
+        return t + 1, loop, traces
 
-    t, state, traces = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), state, traces))
-    return state, traces, t
+    t, loop, traces = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), loop, traces))
+    return loop, traces, t
 
 
 def _constrainer(sharding: Any) -> Callable[[PyTree], PyTree]:

@@ -29,9 +29,15 @@ def log_mean_exp(log_values: Array, axis: int | None = None) -> Array:
 
 def ess(log_weights: Array) -> Array:
     """Effective sample size 1 / sum W^2 in [1, N], [...]; 0 when every weight is zero."""
-    log_w = log_normalize(log_weights)
+    return ess_given_total(log_weights, logsumexp(log_weights, axis=-1))
+
+
+def ess_given_total(log_weights: Array, log_total: Array) -> Array:
+    """ESS = exp(2 logsumexp(logw) - logsumexp(2 logw)) from a known log_total = logsumexp(logw),
+    [...] (one pass over the weights where a caller already has the total)."""
+    log_w = log_weights - log_total[..., None]
     value = jnp.exp(-logsumexp(2.0 * log_w, axis=-1))
-    return jnp.where(jnp.isneginf(logsumexp(log_weights, axis=-1)), 0.0, value)
+    return jnp.where(jnp.isneginf(log_total), 0.0, value)
 
 
 def conditional_ess(log_weights: Array, log_increments: Array, *, normalized: bool = False

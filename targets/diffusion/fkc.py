@@ -110,7 +110,9 @@ def correctors(scores: Sequence[sde.ScoreFn], betas: Sequence[float], *, schedul
         diffusion = jnp.sqrt(noise_scale * g2)
         x_new, _ = sde_proposals.euler_maruyama(key, x, mean_drift, diffusion, dtau)
         increments = log_weight_increment(values, betas_j, sde.div_f(schedule, t, dim), g2, dtau)
-        finite = (jnp.all(jnp.isfinite(values), axis=(0, 2)) & jnp.all(jnp.isfinite(x_new), axis=1))
+        # A non-finite score makes x_new and the increment (inf - inf in spread) non-finite too,
+        # so checking those two flags every bad particle without another pass over the scores.
+        finite = jnp.isfinite(increments) & jnp.all(jnp.isfinite(x_new), axis=1)
         increments = jnp.where(finite, increments, jnp.nan)
         if clip is not None:
             increments = clip_centred(increments, clip)
