@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m experiments demo
 
+# Two workers (CI has 2 cores); one file per worker keeps each module's fixtures loaded once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m experiments.benchmarks --readme README.md

@@ -1,3 +1,16 @@
+import os
+
+# The suite compiles hundreds of small XLA programs and runs most of them briefly, so compiling
+# dominates its time: without LLVM's optimisation passes XLA:CPU compiles about twice as fast
+# (tests/test_engine.py: 42 s -> 21 s of backend compile). Results may differ from the optimised
+# build in the last float32 bits (other instruction selection), which no test may depend on.
+# Set before JAX starts its backend; notebook kernels inherit it. SMC_TEST_XLA_OPT=1 keeps
+# XLA's defaults.
+FAST_COMPILE = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+if os.environ.get("SMC_TEST_XLA_OPT") != "1":
+    _flags = os.environ.get("XLA_FLAGS", "").split()  # xdist workers inherit the parent's
+    os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in FAST_COMPILE if f not in _flags])
+
 import jax
 import numpy as np
 import pytest
