@@ -162,7 +162,7 @@ def test_forty_mode_annealing_gets_the_within_mode_spread():
     # |x - mu|^2 / 2 of a 2-D Gaussian is sigma^2 x Exp(1), so the spread estimate has relative
     # standard error 1 / sqrt(ESS); the across-seed spread is used when it is larger (resampled
     # clouds are correlated). The uncorrected drift is 20% too narrow (0.74..0.83 over 3 seeds).
-    config = dict(mixture="forty_modes", beta=2.0, num_particles=1024)
+    config = {"mixture": "forty_modes", "beta": 2.0, "num_particles": 1024}
     seeds = (0, 1, 2, 3)
     for corrected in (True, False):
         metrics = run_seeds("fkc_anneal", seeds, corrected=corrected, **config)

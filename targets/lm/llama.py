@@ -109,7 +109,7 @@ class Llama:
         """``carry, y_l = body(carry, layer_params_l, x_l)`` for each layer ``l`` (``xs``: a tuple
         with one pytree per layer); returns ``(carry, ys)`` with ``ys`` a tuple of the ``y_l``."""
         if self.scan_layers:
-            stack = lambda seq: jax.tree.map(lambda *w: jnp.stack(w), *seq)  # noqa: E731
+            stack = lambda seq: jax.tree.map(lambda *w: jnp.stack(w), *seq)
             carry, ys = jax.lax.scan(lambda c, lx: body(c, *lx), carry, (stack(layers), stack(xs)))
             return carry, tuple(jax.tree.map(lambda y, i=i: y[i], ys) for i in range(len(layers)))
         ys = []
