@@ -6,10 +6,11 @@
 Target: p^beta under the VP schedule (`sde.time_grid(steps)`) for one of two scores: `toy`, the
 exact noised score of `gmm.four_modes()` (2-D, analytic: about as cheap as a score gets, so the
 engine's fixed per-step work shows most), or `digits`, the shipped score network of
-`experiments.digits` (64-D Flax MLP, unconditional): the cost of a real model. FKC is `smc.run` on `fkc.anneal` (`bench_overhead.smc_run`: systematic
-resampling when ESS < threshold x N, thresholds 0.5 and 1.0 = always). The bare sampler is the
-reverse SDE that FKC's proposal is, Euler-Maruyama with the drift -f + beta g^2 s (`fkc.drift`,
-`proposals.sde.euler_maruyama`) in a `lax.scan`: no weights, no ESS, no log Z, no resampling.
+`experiments.digits` (64-D Flax MLP, unconditional): the cost of a real model. FKC is `smc.run`
+on `fkc.anneal` (`bench_overhead.smc_run`: systematic resampling when ESS < threshold x N,
+thresholds 0.5 and 1.0 = always). The bare sampler is the reverse SDE that FKC's proposal is,
+Euler-Maruyama with the drift -f + beta g^2 s (`fkc.drift`, `proposals.sde.euler_maruyama`) in a
+`lax.scan`: no weights, no ESS, no log Z, no resampling.
 Both are jitted and warmed up; repeats run round-robin (the order rotating) so that load from
 other processes hits all alike; the ratio is the median over repeats of FKC time / bare time
 within each repeat, with the ratio of the fastest times beside it.
@@ -31,8 +32,8 @@ from proposals import sde as sde_proposals
 from targets.diffusion import fkc, sde
 from targets.toy import gmm
 
-COLUMNS = ("score", "N", "steps", "ess_threshold", "resampled steps", "bare ms", "FKC ms", "FKC / bare",
-           "min FKC / min bare")
+COLUMNS = ("score", "N", "steps", "ess_threshold", "resampled steps", "bare ms", "FKC ms",
+           "FKC / bare", "min FKC / min bare")
 VP = sde.VP()
 
 
@@ -102,7 +103,8 @@ def bench(num_particles: int, num_steps: int, beta: float, thresholds: list[floa
     for threshold in thresholds:
         # Paired: each FKC time over the bare time of the same repeat, taken back to back.
         ratio = statistics.median(f / b for f, b in zip(ms[threshold], ms["bare"]))
-        rows.append({"score": score_name, "N": num_particles, "steps": num_steps, "ess_threshold": threshold,
+        rows.append({"score": score_name, "N": num_particles, "steps": num_steps,
+                     "ess_threshold": threshold,
                      "resampled": float(np.mean([int(out[2]) for out in outputs[threshold]])),
                      "bare_ms": statistics.median(ms["bare"]),
                      "fkc_ms": statistics.median(ms[threshold]), "ratio": ratio,
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> str:
     command = " ".join(["python -m experiments.bench_fkc", *argv])
     caption = (
         f"FKC overhead, `{command}`: FKC SMC (`fkc.anneal`, beta = {args.beta}; score `toy` = "
-        f"the 4-mode 2-D mixture's exact score, `digits` = the 64-D digits score network; systematic resampling when ESS < threshold x N) over the "
+        f"the 4-mode 2-D mixture's exact score, `digits` = the 64-D digits score network; "
+        f"systematic resampling when ESS < threshold x N) over the "
         f"bare reverse SDE (the same drift, score, N and steps; no weights, no resampling); "
         f"median ms over {args.repeats} repeats, ratio = median of the per-repeat ratios, and the "
         f"ratio of the fastest runs ({jax.devices()[0].platform}).\n\n")

@@ -8,7 +8,8 @@ from experiments import bench_fkc, benchmarks
 from targets.diffusion import fkc, sde
 from targets.toy import gmm
 
-QUICK = ["--score", "toy", "digits", "--sizes", "64", "--steps", "5", "--repeats", "1", "--thresholds", "1.0"]
+QUICK = ["--score", "toy", "digits", "--sizes", "64", "--steps", "5", "--repeats", "1",
+         "--thresholds", "1.0"]
 
 
 def test_bare_sampler_is_the_fkc_proposal_without_weights():

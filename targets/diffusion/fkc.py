@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import smc
-from smc.validation import static_finite as _finite
 from proposals import sde as sde_proposals
+from smc.validation import static_finite as _finite
 from targets.diffusion import sde
 
 Array = jax.Array
@@ -165,8 +165,6 @@ def product(scores: Sequence[sde.ScoreFn], betas: Sequence[float] | None = None,
 
 # ---------------------------------------------------------------------------------------------
 # Validation
-
-
 
 
 def _positive(name: str, value) -> float:

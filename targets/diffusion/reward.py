@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import smc
-from smc.validation import static_finite as _finite
 from proposals import sde as sde_proposals
+from smc.validation import static_finite as _finite
 from targets.diffusion import sde
 
 Array = jax.Array
@@ -249,8 +249,6 @@ def check_alpha(alpha) -> float:
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     return alpha
-
-
 
 
 def _exponents(exponents, gamma: float, num_steps: int) -> np.ndarray:
