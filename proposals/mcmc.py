@@ -12,7 +12,7 @@ Every kernel is a pure function ``kernel(key, x, log_fn, step_size) -> (x_new, M
 
 Targets: ``rwmh`` and ``mala`` leave exp(log_density) invariant; ``pcn`` and ``pcnl`` leave
 N(x; 0, I) exp(Phi(x)) invariant, with Phi = log_likelihood (the Psi-Sampler initial target,
-reference.md section 4).
+docs/algorithms.md section 4).
 
 Non-finite values: a proposal whose log-density, gradient or coordinates are not finite is
 rejected, so particles never become NaN and never enter a region of log-density -inf. A particle
@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+
+from smc.validation import static_bool, static_finite, static_int
 
 Array = jax.Array
 PyTree = object
@@ -103,10 +105,11 @@ def _num_particles(x: PyTree) -> int:
     return n
 
 
-def _check_step_size(step_size, n: int) -> Array:
-    """Returns step_size as an array of shape [] or [N]; checks positivity when concrete."""
+def _check_step_size(step_size, n: int | None = None) -> Array:
+    """Returns step_size as an array of shape [] or [N] (any shape if n is None); checks that it
+    is positive and finite when concrete."""
     shape = jnp.shape(step_size)
-    if shape not in ((), (n,)):
+    if n is not None and shape not in ((), (n,)):
         raise ValueError(f"step_size must be a scalar or have shape ({n},); got shape {shape}")
     # A traced step size (under jit/scan) cannot be checked; only concrete values are.
     if not isinstance(step_size, jax.core.Tracer):
@@ -114,6 +117,24 @@ def _check_step_size(step_size, n: int) -> Array:
         if not np.all((value > 0) & np.isfinite(value)):
             raise ValueError(f"step_size must be positive and finite; got {value}")
     return jnp.asarray(step_size)
+
+
+def _check_target(target) -> float:
+    target = static_finite("target", target)
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target acceptance must be in (0, 1); got {target}")
+    return target
+
+
+def _check_rate(rate):
+    """A finite rate >= 0 (a negative one would drive the acceptance away from the target);
+    a traced rate (e.g. decreasing over rounds inside a scan) is not checked."""
+    if isinstance(rate, jax.core.Tracer):
+        return rate
+    rate = static_finite("rate", rate)
+    if rate < 0:
+        raise ValueError(f"rate must be >= 0; got {rate}")
+    return rate
 
 
 def _flatten(x: PyTree) -> tuple[Array, Callable[[Array], PyTree], Callable[[Array], PyTree]]:
@@ -233,7 +254,7 @@ def pcn(key: Array, x: PyTree, log_likelihood: LogFn, step_size, cache=None
 
 def pcnl(key: Array, x: PyTree, log_likelihood: LogFn, step_size, cache=None
          ) -> tuple[PyTree, MoveInfo]:
-    """Preconditioned Crank-Nicolson Langevin for N(x; 0, I) exp(Phi(x)) (reference.md, sec. 4).
+    """Preconditioned Crank-Nicolson Langevin for N(x; 0, I) exp(Phi(x)) (docs/algorithms.md section 4).
 
     rho = (1 - h/4)/(1 + h/4), h = step_size;
     x' = rho x + sqrt(1 - rho^2) (xi + (sqrt(h)/2) grad Phi(x));
@@ -286,10 +307,10 @@ def run_chain(
     ``functools.partial(mala, log_density=f, step_size=0.5)``. num_steps and return_all are
     static. Returns ChainResult(x, acceptance_rate [N], states [num_steps, N, ...] or None).
     """
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer; got {num_steps}")
+    num_steps = static_int("num_steps", num_steps, 1)
+    return_all = static_bool("return_all", return_all)
 
-    keys = jax.random.split(key, int(num_steps))
+    keys = jax.random.split(key, num_steps)
     # The first step computes the log-density (and gradient) at x; later steps reuse the values
     # the previous step returned in `info.cache` (a kernel without a cache recomputes).
     x, info = kernel_fn(keys[0], x)
@@ -312,10 +333,16 @@ def adapt_step_size(step_size, acceptance_rate, target: float, rate: float = 1.0
 
     step_size: scalar or [N]; acceptance_rate: scalar (population mean) or [N] (per particle).
     Targets per kernel are in TARGET_ACCEPTANCE. A decreasing `rate` over rounds makes the
-    iteration converge rather than fluctuate.
+    iteration converge rather than fluctuate. step_size: positive and finite; acceptance_rate in
+    [0, 1]; target a static float in (0, 1); rate finite >= 0 (the first two and rate are checked
+    only when concrete).
     """
-    if not 0.0 < target < 1.0:
-        raise ValueError(f"target acceptance must be in (0, 1); got {target}")
+    step_size = _check_step_size(step_size)
+    if not isinstance(acceptance_rate, jax.core.Tracer):  # traced inside run_adaptive_chain
+        value = np.asarray(acceptance_rate)
+        if not np.all((value >= 0) & (value <= 1)):
+            raise ValueError(f"acceptance_rate must lie in [0, 1]; got {value}")
+    target, rate = _check_target(target), _check_rate(rate)
     return jnp.exp(jnp.log(step_size) + rate * (acceptance_rate - target))
 
 
@@ -341,8 +368,8 @@ def run_adaptive_chain(
         if kernel not in TARGET_ACCEPTANCE:
             raise ValueError("unknown kernel: pass `target` (the acceptance rate to aim for)")
         target = TARGET_ACCEPTANCE[kernel]
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer; got {num_steps}")
+    target, rate = _check_target(target), _check_rate(rate)
+    num_steps = static_int("num_steps", num_steps, 1)
     h0 = _check_step_size(step_size, _num_particles(x)).astype(jnp.result_type(float))
 
     def body(carry, step_key):
@@ -352,5 +379,5 @@ def run_adaptive_chain(
         h = adapt_step_size(h, prob if h.ndim else jnp.mean(prob), target, rate)
         return (x, h), prob
 
-    (x, h), prob = jax.lax.scan(body, (x, h0), jax.random.split(key, int(num_steps)))
+    (x, h), prob = jax.lax.scan(body, (x, h0), jax.random.split(key, num_steps))
     return AdaptiveChainResult(x=x, acceptance_rate=jnp.mean(prob, axis=0), step_size=h)

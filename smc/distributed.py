@@ -67,5 +67,5 @@ def pool(stacked: Any) -> Any:
         particles=jax.tree_util.tree_map(flatten, stacked.particles),
         log_weights=log_weights,
         log_evidence=log_evidence,
-        degenerate=jnp.isneginf(log_evidence),
+        degenerate=~jnp.isfinite(log_evidence),
     )

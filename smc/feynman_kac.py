@@ -10,7 +10,7 @@ Array = jax.Array
 PyTree = Any
 
 InitFn = Callable[[Array, int], tuple[PyTree, Array]]
-StepFn = Callable[[Array, PyTree, Array], tuple[PyTree, Array]]
+StepFn = Callable[..., tuple[PyTree, Array]]
 MoveFn = Callable[[Array, PyTree, Array], PyTree]
 DoneFn = Callable[[PyTree], Array]
 
@@ -26,6 +26,11 @@ class FeynmanKac(NamedTuple):
         resampling that happens before step t (resample-move).
     resample_mask: optional static bool [num_steps]; False forbids resampling before step t
         (e.g. FKC's resampling window), whatever the ESS.
+    weighted_step: static bool; True makes the engine call step(key, particles, t, log_weights)
+        with the current un-normalised log-weights [N] (after any resampling before step t), for
+        steps whose kernel or potential adapts to the weighted cloud (adaptive tempering). The
+        step may use them to choose its kernel and potential but must not fold them into its
+        increments: the engine adds G_t to them.
     """
 
     init: InitFn
@@ -34,3 +39,4 @@ class FeynmanKac(NamedTuple):
     done: DoneFn | None = None
     move: MoveFn | None = None
     resample_mask: Any | None = None
+    weighted_step: bool = False

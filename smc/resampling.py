@@ -3,6 +3,13 @@
 Every scheme is unbiased, E[#offspring of i] = M * W_i with W = softmax(log_weights), works under
 `jit` (num_samples static) and `vmap`, and never selects a particle whose weight is zero (-inf).
 
+Any log-weights give int32 ancestors in [0, N):
+- +inf entries are the limit of one huge weight each: they share all the mass equally, every other
+  particle gets none.
+- Any NaN, or every entry -inf, leaves no distribution to draw from: the ancestors are then the
+  identity, ancestor_j = j mod N (arange(N) when M = N), so particles stay where they are; the
+  engine flags such a cloud separately.
+
 Most schemes are computed through cumulative offspring counts: Nc_i = #{draws landing in particles
 0..i}, which for systematic and stratified is an O(N) formula in the scaled cdf M * C_i. Ancestors
 then follow from Nc by a bincount and a cumulative sum, which is O(N + M) and faster on CPU than
@@ -19,6 +26,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from smc.validation import static_int
 
 Array = jax.Array
 Resampler = Callable[..., Array]
@@ -63,23 +73,35 @@ def _int_cumsum(x: Array) -> Array:
 
 
 def _num(log_weights: Array, num_samples: int | None) -> tuple[int, int]:
+    """(N, M) from log-weights [N] and a static num_samples M >= 1 (default N)."""
+    if jnp.ndim(log_weights) != 1 or jnp.shape(log_weights)[0] < 1:
+        raise ValueError(f"log_weights must have shape [N], N >= 1, got {jnp.shape(log_weights)}")
     n = log_weights.shape[0]
-    m = n if num_samples is None else int(num_samples)
-    if m < 1:
-        raise ValueError(f"num_samples must be >= 1, got {m}")
+    m = n if num_samples is None else static_int("num_samples", num_samples, 1)
     return n, m
 
 
-def _unnormalised(log_weights: Array) -> Array:
-    """w = exp(logw - max logw), [N], so max w = 1 and dead particles are exactly 0.
+def _unnormalised(log_weights: Array) -> tuple[Array, Array]:
+    """(w [N], degenerate): w = exp(logw - max logw), so max w = 1 and dead particles are exactly 0.
 
-    All -inf is the caller's business; treating it as uniform avoids NaNs.
+    With +inf entries, w is 1 on them and 0 elsewhere (the module doc's limit). `degenerate` (bool
+    scalar) is any NaN or all -inf; w is then uniform, only so that the arithmetic stays finite
+    until `_identity_if` discards the draws.
     """
     # Half precision cannot resolve a cdf over many particles.
     log_weights = log_weights.astype(jnp.promote_types(log_weights.dtype, jnp.float32))
-    top = jnp.max(log_weights)
-    shifted = jnp.where(jnp.isneginf(top), 0.0, log_weights - top)
-    return jnp.exp(shifted)
+    top = jnp.max(log_weights)  # NaN if any entry is: one reduction finds every special case
+    # `== top` covers +inf (inf - inf would be NaN) and all -inf; everything else is finite - top.
+    shifted = jnp.where((log_weights == top) | jnp.isnan(top), 0.0, log_weights - top)
+    return jnp.exp(shifted), jnp.isnan(top) | jnp.isneginf(top)
+
+
+def _identity_if(degenerate: Array, ancestors: Array, n: int) -> Array:
+    """ancestor_j = j mod N [M] where `degenerate`, else `ancestors` [M]."""
+    identity = jnp.arange(ancestors.shape[0], dtype=jnp.int32)
+    if ancestors.shape[0] > n:
+        identity = identity % n
+    return jnp.where(degenerate, identity, ancestors)
 
 
 def _scaled_cdf(w: Array, m: int) -> tuple[Array, Array, Array]:
@@ -108,7 +130,7 @@ def _cumulative_from_counts(counts: Array) -> Array:
 
 
 def _even(sampler: Callable[..., Array], key: Array, n: int, dtype=jnp.float32) -> Array:
-    """sampler(key, (n,)) drawn at an even length: threefry on CPU is several times slower on odd ones."""
+    """sampler(key, (n,)) drawn at an even length: threefry on CPU is much slower on odd ones."""
     return sampler(key, (n + n % 2,), dtype=dtype)[:n]
 
 
@@ -170,9 +192,11 @@ def _multinomial_cumulative(
 @_static
 def multinomial(key: Array, log_weights: Array, num_samples: int | None = None) -> Array:
     """M i.i.d. draws from W, returned sorted. log_weights [N] -> ancestors int32 [M]."""
-    _, m = _num(log_weights, num_samples)
-    cs, total, _ = _scaled_cdf(_unnormalised(log_weights), m)
-    return _ancestors_from_cumulative(_multinomial_cumulative(key, cs, total, m, m), m)
+    n, m = _num(log_weights, num_samples)
+    w, degenerate = _unnormalised(log_weights)
+    cs, total, _ = _scaled_cdf(w, m)
+    ancestors = _ancestors_from_cumulative(_multinomial_cumulative(key, cs, total, m, m), m)
+    return _identity_if(degenerate, ancestors, n)
 
 
 @_static
@@ -181,14 +205,15 @@ def stratified(key: Array, log_weights: Array, num_samples: int | None = None) -
 
     Nc_i = #{j : j + U_j <= M C_i} = k + [U_k <= M C_i - k], k = floor(M C_i): O(N + M).
     """
-    _, m = _num(log_weights, num_samples)
-    cs, total, x = _scaled_cdf(_unnormalised(log_weights), m)
+    n, m = _num(log_weights, num_samples)
+    w, degenerate = _unnormalised(log_weights)
+    cs, total, x = _scaled_cdf(w, m)
     u = 1.0 - _even(jax.random.uniform, key, m, x.dtype)  # (0, 1]: a point at 0 would hit W_0 = 0
     k = jnp.clip(jnp.floor(x), 0, m - 1)
     # x - k is exact in floating point, so Nc is exactly the count for these points: monotone.
     cum = k.astype(jnp.int32) + (u[k.astype(jnp.int32)] <= x - k).astype(jnp.int32)
     cum = jnp.where(cs == total, m, cum)
-    return _ancestors_from_cumulative(cum, m)
+    return _identity_if(degenerate, _ancestors_from_cumulative(cum, m), n)
 
 
 @_static
@@ -197,12 +222,13 @@ def systematic(key: Array, log_weights: Array, num_samples: int | None = None) -
 
     Nc_i = #{j : j + U <= M C_i} = floor(M C_i - U) + 1, clipped to [0, M]: O(N + M).
     """
-    _, m = _num(log_weights, num_samples)
-    cs, total, x = _scaled_cdf(_unnormalised(log_weights), m)
+    n, m = _num(log_weights, num_samples)
+    w, degenerate = _unnormalised(log_weights)
+    cs, total, x = _scaled_cdf(w, m)
     u = 1.0 - jax.random.uniform(key, (), dtype=x.dtype)  # (0, 1]: floor(0 - U) + 1 = 0 at C = 0
     cum = jnp.clip(jnp.floor(x - u).astype(jnp.int32) + 1, 0, m)
     cum = jnp.where(cs == total, m, cum)
-    return _ancestors_from_cumulative(cum, m)
+    return _identity_if(degenerate, _ancestors_from_cumulative(cum, m), n)
 
 
 @_static
@@ -211,8 +237,8 @@ def residual(key: Array, log_weights: Array, num_samples: int | None = None) -> 
 
     [N] -> int32 [M], sorted. R is traced; the draws use a fixed M-length construction.
     """
-    _, m = _num(log_weights, num_samples)
-    w = _unnormalised(log_weights)
+    n, m = _num(log_weights, num_samples)
+    w, degenerate = _unnormalised(log_weights)
     total = jnp.sum(w)
     x = (w * m) / total  # exact integers for equal weights when M is a multiple of N
     whole = jnp.floor(x)
@@ -224,7 +250,7 @@ def residual(key: Array, log_weights: Array, num_samples: int | None = None) -> 
     # When every fraction is 0 (R = 0) the draws are unused; keep their cdf finite.
     frac_total = jnp.where(frac_total > 0, frac_total, 1.0)
     cum_frac = _multinomial_cumulative(key, frac_cs, frac_total, m, remaining)
-    return _ancestors_from_cumulative(cum_whole + cum_frac, m)
+    return _identity_if(degenerate, _ancestors_from_cumulative(cum_whole + cum_frac, m), n)
 
 
 def _ssp_counts(key: Array, x: Array, w: Array, m: int) -> Array:
@@ -278,11 +304,12 @@ def ssp(key: Array, log_weights: Array, num_samples: int | None = None) -> Array
 
     [N] -> int32 [M], sorted. Sequential O(N) scan (lax.scan).
     """
-    _, m = _num(log_weights, num_samples)
-    w = _unnormalised(log_weights)
+    n, m = _num(log_weights, num_samples)
+    w, degenerate = _unnormalised(log_weights)
     x = (w * m) / jnp.sum(w)
     counts = _ssp_counts(key, x, w, m)
-    return _ancestors_from_cumulative(_cumulative_from_counts(counts), m)
+    ancestors = _ancestors_from_cumulative(_cumulative_from_counts(counts), m)
+    return _identity_if(degenerate, ancestors, n)
 
 
 @_static
@@ -295,7 +322,7 @@ def killing(key: Array, log_weights: Array, num_samples: int | None = None) -> A
     if m != n:
         raise ValueError(f"killing resampling needs num_samples == N ({n}), got {m}")
     key_survive, key_draw = jax.random.split(key)
-    w = _unnormalised(log_weights)  # max w = 1, so w_i is the survival probability
+    w, degenerate = _unnormalised(log_weights)  # max w = 1: w_i is the survival probability
     killed = _even(jax.random.uniform, key_survive, n, w.dtype) >= w
     rank = _int_cumsum(killed.astype(jnp.int32)) - 1
     num_killed = rank[-1] + 1
@@ -304,12 +331,33 @@ def killing(key: Array, log_weights: Array, num_samples: int | None = None) -> A
         _multinomial_cumulative(key_draw, cs, total, m, num_killed), m
     )
     # The draws are sorted, but only their multiset matters for the offspring counts.
-    return jnp.where(killed, draws[jnp.maximum(rank, 0)], jnp.arange(n, dtype=jnp.int32))
+    survivors = jnp.where(killed, draws[jnp.maximum(rank, 0)], jnp.arange(n, dtype=jnp.int32))
+    return _identity_if(degenerate, survivors, n)
+
+
+def offspring_counts(ancestors: Array, n: int) -> Array:
+    """Number of offspring of each particle: bincount(ancestors) int32 [n].
+
+    ancestors: integers [M] in [0, n), checked when concrete; bincount would silently drop (or,
+    under jit, clip) ids outside, so a traced `ancestors` is the caller's to keep in range.
+    """
+    n = static_int("n", n, 1)
+    if not isinstance(ancestors, jax.core.Tracer):
+        ancestors = jnp.asarray(ancestors)
+    if ancestors.ndim != 1:
+        raise ValueError(f"ancestors must be 1-D [M], got shape {ancestors.shape}")
+    if not jnp.issubdtype(ancestors.dtype, jnp.integer):
+        raise TypeError(f"ancestors must be integers, got {ancestors.dtype}")
+    if not isinstance(ancestors, jax.core.Tracer) and ancestors.size:
+        values = np.asarray(ancestors)
+        low, high = values.min(), values.max()
+        if low < 0 or high >= n:
+            raise ValueError(f"ancestors must lie in [0, {n}), got values in [{low}, {high}]")
+    return _bincount(ancestors, n)
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
-def offspring_counts(ancestors: Array, n: int) -> Array:
-    """Number of offspring of each particle: bincount(ancestors) int32 [n]."""
+def _bincount(ancestors: Array, n: int) -> Array:
     return jnp.bincount(ancestors, length=n).astype(jnp.int32)
 
 
@@ -329,3 +377,15 @@ def get(name: str) -> Resampler:
         return SCHEMES[name]
     except KeyError:
         raise ValueError(f"unknown resampling scheme {name!r}; valid: {sorted(SCHEMES)}") from None
+
+
+def resolve(resampling: str | Resampler) -> Resampler:
+    """A scheme given by its name (`get`) or as a callable (key, log_weights, num_samples) ->
+    ancestors; TypeError naming `resampling` for anything else."""
+    if isinstance(resampling, str):
+        return get(resampling)
+    if not callable(resampling):
+        raise TypeError(f"resampling must be a scheme's name or a callable (key, log_weights, "
+                        f"num_samples) -> ancestors, got {type(resampling).__name__} "
+                        f"{resampling!r}")
+    return resampling

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,29 +11,69 @@ import numpy as np
 from smc.feynman_kac import FeynmanKac
 
 
-def check_num_particles(num_particles: Any) -> None:
-    if isinstance(num_particles, bool) or not isinstance(num_particles, (numbers.Integral, np.integer)):
-        raise TypeError(f"num_particles must be a Python int, got {type(num_particles).__name__}")
-    if num_particles < 1:
-        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+def _refuse_traced(name: str, value: Any) -> None:
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a static Python number, not a traced value")
+
+
+def static_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """int(value) for a Python/numpy integer (not a bool, float or string), >= minimum if given."""
+    _refuse_traced(name, value)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def static_finite(name: str, value: Any) -> float:
-    """float(value), refusing a traced value (it must be static) and a non-finite one."""
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(f"{name} must be a static Python float, not a traced value")
+    """float(value) for a real number (not a bool or string), refusing traced and non-finite ones."""
+    _refuse_traced(name, value)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
 
-def check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(f"{name} must be a static Python float, not a traced value")
-    value = float(value)
-    if not 0.0 <= value <= 1.0 or not np.isfinite(value):
+def static_positive(name: str, value: Any) -> float:
+    """A finite real number > 0 (`static_finite` and the sign)."""
+    value = static_finite(name, value)
+    if value <= 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def static_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A real number in [0, 1] (`static_finite` and the range)."""
+    value = static_finite(name, value)
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
+
+
+def check_num_particles(num_particles: Any) -> int:
+    try:
+        return static_int("num_particles", num_particles, 1)
+    except TypeError:
+        raise TypeError(f"num_particles must be a Python int, got "
+                        f"{type(num_particles).__name__}") from None
+
+
+def check_count(name: str, value: Any, minimum: int = 0) -> int:
+    """`static_int` for a count set by a user (chains, burn-in, thinning) where every bad value,
+    a float such as 2.5 included, is a ValueError naming `name`."""
+    try:
+        return static_int(name, value, minimum)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
 
 
 def check_run_arguments(num_particles: Any, ess_threshold: Any) -> None:
@@ -64,8 +104,21 @@ def check_log_weights(log_weights: Any, num_particles: int, where: str) -> None:
         raise TypeError(f"{where}: log-weights must be floating point, got {log_weights.dtype}")
 
 
-def check_model(model: FeynmanKac, num_particles: int, key: Any = None) -> None:
-    """Trace init, step, move and done abstractly and check every shape against N."""
+class ModelShapes(NamedTuple):
+    """What `check_model` traced, as jax.ShapeDtypeStructs: init's particles and log-weights and
+    step's log-increments."""
+
+    particles: Any
+    log_weights: jax.ShapeDtypeStruct
+    increments: jax.ShapeDtypeStruct
+
+
+def check_model(model: FeynmanKac, num_particles: int, key: Any = None) -> ModelShapes:
+    """Trace init, step, move and done abstractly and check every shape against N.
+
+    A `weighted_step` model's step is traced with init's log-weights as its fourth argument.
+    Returns the traced shapes (`ModelShapes`).
+    """
     if not isinstance(model, FeynmanKac):
         raise TypeError(f"model must be an smc.FeynmanKac, got {type(model).__name__}")
     for name in ("init", "step"):
@@ -86,7 +139,9 @@ def check_model(model: FeynmanKac, num_particles: int, key: Any = None) -> None:
     particles, log_weights = jax.eval_shape(lambda k: model.init(k, num_particles), key)
     check_particles(particles, num_particles, "init")
     check_log_weights(log_weights, num_particles, "init")
-    new_particles, increments = jax.eval_shape(model.step, key, particles, t)
+    weighted = static_bool("model.weighted_step", model.weighted_step)
+    step_inputs = (key, particles, t) + ((log_weights,) if weighted else ())
+    new_particles, increments = jax.eval_shape(model.step, *step_inputs)
     _check_same_structure(particles, new_particles, "step")
     check_log_weights(increments, num_particles, "step")
     if model.move is not None:
@@ -97,6 +152,7 @@ def check_model(model: FeynmanKac, num_particles: int, key: Any = None) -> None:
         if done.shape not in ((), (num_particles,)) or done.dtype != jnp.bool_:
             raise ValueError(f"done must return a bool scalar or bool [{num_particles}], "
                              f"got {done.dtype}{list(done.shape)}")
+    return ModelShapes(particles, log_weights, increments)
 
 
 def _check_same_structure(before: Any, after: Any, where: str) -> None:

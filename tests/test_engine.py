@@ -13,7 +13,7 @@ from tests.conftest import z_score
 NUM_REPLICATES = 200
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lgssm_problem(num_steps: int):
     model = lgssm.default()
     _, observations = lgssm.simulate(jax.random.PRNGKey(42), model, num_steps)
@@ -177,7 +177,7 @@ def test_nan_increments_are_reported():
 
     fk = smc.FeynmanKac(init=lambda k, n: (jnp.zeros((n, 1)), jnp.zeros(n)), step=step, num_steps=3)
     result = smc.run(jax.random.PRNGKey(0), fk, 8)
-    np.testing.assert_array_equal(result.nan_increments, [0, 0, 1, 0])
+    np.testing.assert_array_equal(result.nonfinite_increments, [0, 0, 1, 0])
     assert np.isnan(result.log_evidence)
 
 
@@ -236,3 +236,82 @@ def test_resample_mask_vetoes_resampling_outside_the_window():
             assert np.all(np.asarray(result.resampled)[window])
     with pytest.raises(ValueError, match="resample_mask"):
         smc.run(jax.random.PRNGKey(0), fk._replace(resample_mask=np.ones(5, bool)), 8)
+
+
+def test_weighted_step_sees_the_current_log_weights_after_resampling():
+    def step(key, particles, t, log_weights):
+        n = log_weights.shape[0]
+        return {"x": particles["x"], "seen": log_weights}, jnp.linspace(-1.0, 1.0, n) * (t + 1.0)
+
+    def init(key, n):
+        return {"x": jnp.zeros((n, 1)), "seen": jnp.zeros(n)}, jnp.linspace(0.0, 0.5, n)
+
+    fk = smc.FeynmanKac(init=init, step=step, num_steps=3, weighted_step=True)
+    summary = lambda particles, log_weights: particles["seen"]
+    never = smc.run(jax.random.PRNGKey(0), fk, 8, ess_threshold=0.0, summary=summary)
+    # Without resampling, step t sees G_0 + ... + G_{t-1}: the log-weights before it.
+    increments = np.linspace(-1.0, 1.0, 8)[None] * np.arange(1.0, 4.0)[:, None]
+    expected = np.cumsum(np.r_[np.linspace(0.0, 0.5, 8)[None], increments], axis=0)
+    np.testing.assert_allclose(never.summaries[1:], expected[:3], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(never.log_weights, expected[3], rtol=1e-6, atol=1e-6)
+    # Resampling before every step resets the weights the step sees.
+    always = smc.run(jax.random.PRNGKey(0), fk, 8, ess_threshold=1.0)
+    np.testing.assert_array_equal(always.particles["seen"], np.zeros(8))
+
+
+def test_weighted_step_is_checked_before_running():
+    with pytest.raises(TypeError, match="weighted_step"):
+        smc.run(jax.random.PRNGKey(0), smc.FeynmanKac(toy_init, toy_step, 2, weighted_step=1), 8)
+    # A step that does not take the log-weights fails when traced, before anything runs.
+    with pytest.raises(TypeError):
+        smc.run(jax.random.PRNGKey(0),
+                smc.FeynmanKac(toy_init, toy_step, 2, weighted_step=True), 8)
+    fk = smc.FeynmanKac(toy_init, lambda k, x, t, w: (x, w[:3]), 2, weighted_step=True)
+    with pytest.raises(ValueError, match="step: log-weights"):
+        smc.run(jax.random.PRNGKey(0), fk, 8)
+
+
+def count_and_total(particles, log_weights):
+    return {"count": particles["count"][0],
+            "total": jax.scipy.special.logsumexp(log_weights)}
+
+
+def test_summaries_are_recorded_after_init_and_every_step():
+    fk = counting_model(num_steps=6, increment=1.0)
+    result = smc.run(jax.random.PRNGKey(0), fk, 16, ess_threshold=0.0, summary=count_and_total)
+    np.testing.assert_array_equal(result.summaries["count"], np.arange(7))
+    np.testing.assert_allclose(result.summaries["total"][0], np.log(16.0), rtol=1e-6)
+    np.testing.assert_allclose(result.summaries["total"][-1],
+                               jax.scipy.special.logsumexp(result.log_weights), rtol=1e-6)
+    assert smc.run(jax.random.PRNGKey(0), fk, 16).summaries is None
+    with pytest.raises(TypeError, match="summary"):
+        smc.run(jax.random.PRNGKey(0), fk, 16, summary="count")
+
+
+def test_summaries_in_the_while_loop_are_padded_and_vmap():
+    fk = counting_model(num_steps=20, done=lambda p: p["count"] >= 7)
+    run = jax.jit(jax.vmap(lambda k: smc.run(k, fk, 32, summary=count_and_total)))
+    result = run(jax.random.split(jax.random.PRNGKey(0), 3))
+    assert result.summaries["count"].shape == (3, 21)
+    np.testing.assert_array_equal(result.summaries["count"],
+                                  np.broadcast_to(np.r_[np.arange(8), np.zeros(13)], (3, 21)))
+    np.testing.assert_allclose(result.summaries["total"][:, :8], np.log(32.0), rtol=1e-6)
+    np.testing.assert_array_equal(result.summaries["total"][:, 8:], 0.0)
+
+
+@pytest.mark.parametrize("bad, steps", [(-jnp.inf, 3), (jnp.nan, 3)])
+def test_while_loop_stops_once_the_cloud_is_dead_or_nan(bad, steps):
+    def step(key, x, t):
+        # From step 2 on: every weight zero, or one NaN weight; `done` never holds.
+        kill = (t >= 2) & ((jnp.arange(x.shape[0]) == 0) | jnp.isneginf(bad))
+        return x + 1.0, jnp.where(kill, bad, 0.0)
+
+    fk = smc.FeynmanKac(init=lambda k, n: (jnp.zeros((n, 1)), jnp.zeros(n)), step=step,
+                        num_steps=20, done=lambda x: x[:, 0] >= 100.0)
+    result = jax.jit(lambda k: smc.run(k, fk, 8, ess_threshold=1.0))(jax.random.PRNGKey(0))
+    assert int(result.num_steps) == steps
+    np.testing.assert_array_equal(result.particles, steps)
+    if jnp.isneginf(bad):
+        assert bool(result.degenerate)
+    else:
+        assert np.isnan(result.log_evidence) and int(result.nonfinite_increments.sum()) == 1

@@ -216,7 +216,7 @@ def test_anneal_four_modes_spreads_means_then_mode_weights():
     assert np.all(np.abs(m - exact_spread) < 4 * se + 0.05 * exact_spread), (m, se)
     m, se = mean_and_se(means)
     assert np.all(np.abs(m - np.asarray(target.means)) < 4 * se + 0.01), (m, se)
-    # Mode weights: standard deviation about 0.08 across seeds (reference.md: ~0.07).
+    # Mode weights: standard deviation about 0.08 across seeds (docs/algorithms.md section 2: ~0.07).
     m, se = mean_and_se(mass)
     assert np.all(np.abs(m - np.asarray(target.weights)) < 4 * se), (m, se)
 
@@ -334,7 +334,7 @@ def test_non_finite_scores_become_nan_increments_the_engine_counts():
     np.testing.assert_array_equal(np.isnan(np.asarray(inc)), [False, True, True, False])
     # No resampling keeps this compile small; the count does not depend on it.
     result = smc.run(jax.random.PRNGKey(9), model, 64, ess_threshold=0.0)
-    assert int(result.nan_increments.sum()) > 0 and np.isnan(float(result.log_evidence))
+    assert int(result.nonfinite_increments.sum()) > 0 and np.isnan(float(result.log_evidence))
 
 
 def test_bad_inputs_raise_clear_errors():

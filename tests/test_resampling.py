@@ -227,3 +227,18 @@ def test_indices_valid_for_random_weights(scheme, n, m_choice, seed, data) -> No
     assert np.all((ancestors >= 0) & (ancestors < n))
     assert np.all(np.isfinite(log_weights[ancestors]))
     assert resampling.offspring_counts(jnp.asarray(ancestors), n).sum() == m
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_infinite_log_weights_share_every_draw_unbiasedly(scheme: str) -> None:
+    # +inf is the limit of a huge weight: the infinite ones split the mass equally, others get 0.
+    infinite = [2, 9, 14]
+    log_weights = LOG_WEIGHTS.at[jnp.asarray(infinite)].set(jnp.inf)
+    share = np.isin(np.arange(N), infinite) / len(infinite)
+    fn = resampling.get(scheme)
+    for m in [N] if scheme == "killing" else [N, M_OTHER]:
+        draw = functools.partial(fn, log_weights=log_weights, num_samples=m)
+        ancestors = np.asarray(jax.jit(jax.vmap(draw))(KEYS))
+        counts = (ancestors[:, :, None] == np.arange(N)).sum(axis=1)
+        assert np.all(counts.sum(axis=1) == m)
+        assert_unbiased(counts, m * share)

@@ -258,7 +258,7 @@ def test_non_finite_rewards_and_scores_become_counted_nan_increments():
     score = gmm.noised_score(toy.prior, VP)
     bad_reward = lambda x: jnp.where(x[:, 0] > 0.3, jnp.nan, toy.reward(x))
     bad_score = lambda x, t: jnp.where(x[:, 1:] > 2.0, jnp.inf, score(x, t))
-    # The engine counts NaN increments in SMCResult.nan_increments (tests/test_engine.py).
+    # The engine counts NaN increments in SMCResult.nonfinite_increments (tests/test_engine.py).
     times = sde.time_grid(5)
     # Starting points where both are finite (at t_0 = 1, x0_hat is near the data mean).
     x = jnp.clip(jax.random.normal(jax.random.PRNGKey(2), (64, 2)), -1.0, 1.0)
@@ -316,3 +316,24 @@ def test_bad_inputs_raise_clear_errors():
     model = build(initial=lambda key, n: jnp.zeros((n, 3)))
     with pytest.raises(ValueError, match="initial"):
         smc.run(jax.random.PRNGKey(0), model, 8)
+
+
+def test_adaptive_exponents_hit_the_target_on_the_current_weighted_cloud():
+    # Never resampling, step k sees the log-weights of every step before it; its exponent must
+    # give the target conditional ESS on them plus the rest of its increment, rest =
+    # lambda_k S_{k+1} / alpha - log psi_k (no guidance), until it reaches 1. Ignoring the
+    # current weights (the proxy this replaced) misses the target by about 1e-3 here.
+    times = sde.time_grid(STEPS, t_max=0.4)
+    model = rw.reward_smc(GAUSS_SCORE(VP), GAUSS_REWARD, alpha=1.0, schedule=VP, times=times,
+                          dim=2, exponents="adaptive", target_ess=0.99)
+    summary = lambda p, log_weights: (p.exponent[0], p.statistic, p.log_twist, log_weights)
+    result = jax.jit(lambda k: smc.run(k, model, 512, ess_threshold=0.0, summary=summary))(
+        jax.random.PRNGKey(0))
+    lam, statistic, log_twist, log_weights = (np.asarray(a, np.float64) for a in result.summaries)
+    reached = int(np.argmax(lam >= 1.0))
+    assert reached >= 4 and not np.any(result.resampled)
+    for k in range(1, reached - 1):
+        rest = lam[k] * statistic[k + 1] - log_twist[k]
+        cess = smc.weights.conditional_ess(log_weights[k] + rest,
+                                           (lam[k + 1] - lam[k]) * statistic[k + 1])
+        np.testing.assert_allclose(cess, 0.99 * 512, rtol=1e-4)

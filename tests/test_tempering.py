@@ -110,3 +110,43 @@ def test_bad_tempering_arguments():
         smc.tempering.fixed([1.0], SAMPLE_PRIOR, LOG_LIKELIHOOD, rwmh_move)
     with pytest.raises(ValueError, match="non-decreasing"):
         smc.tempering.fixed([0.0, 0.7, 0.5, 1.0], SAMPLE_PRIOR, LOG_LIKELIHOOD, rwmh_move)
+
+
+@pytest.mark.parametrize("exponents, message", [([0.0, np.nan, 1.0], "exponents must be finite"),
+                                                ([0.0, 0.3], "exponents must end at 1")])
+def test_fixed_schedules_must_be_finite_and_end_at_one(exponents, message):
+    with pytest.raises(ValueError, match=message):
+        smc.tempering.fixed(exponents, SAMPLE_PRIOR, LOG_LIKELIHOOD, rwmh_move)
+
+
+def test_adaptive_model_picks_each_exponent_on_the_current_weighted_cloud():
+    # Never resampling, the weights the step sees are everything before it: each exponent must
+    # hit the target conditional ESS on them (the last one may stop short of it at lambda = 1).
+    model = smc.tempering.adaptive_model(SAMPLE_PRIOR, LOG_LIKELIHOOD, rwmh_move, target_ess=0.7,
+                                         max_steps=30)
+
+    def summary(particles, log_weights):
+        return particles.exponent[0], log_weights, jax.vmap(LOG_LIKELIHOOD)(particles.x)
+
+    result = jax.jit(lambda k: smc.run(k, model, 1000, ess_threshold=0.0, summary=summary))(
+        jax.random.PRNGKey(5))
+    exponents, log_weights, log_l = result.summaries
+    steps = int(result.num_steps)
+    assert 3 <= steps < 30 and float(exponents[steps]) == 1.0
+    assert np.all(np.diff(np.asarray(exponents[:steps + 1])) > 0)
+    for s in range(steps - 1):
+        cess = smc.weights.conditional_ess(log_weights[s],
+                                           (exponents[s + 1] - exponents[s]) * log_l[s + 1])
+        np.testing.assert_allclose(cess, 700.0, rtol=1e-3)
+    assert not np.any(result.resampled)
+
+
+def test_waste_free_resampling_tiles_the_draws_into_chains():
+    log_weights = jnp.log(jnp.array([0.1, 0.2, 0.3, 0.4, 0.0, 0.0, 0.0, 0.0]))
+    resample = smc.tempering.waste_free_resampling(smc.resampling.systematic, 2)
+    draws = np.stack([resample(k, log_weights)
+                      for k in jax.random.split(jax.random.PRNGKey(0), 2000)])
+    np.testing.assert_array_equal(draws[:, 2:], np.tile(draws[:, :2], 3))
+    offspring = np.stack([np.bincount(d, minlength=8) for d in draws])
+    mean, se = offspring.mean(0), offspring.std(0, ddof=1) / np.sqrt(offspring.shape[0])
+    assert np.all(np.abs(mean - 8 * np.exp(log_weights)) <= 4 * se + 1e-6)

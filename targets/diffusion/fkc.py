@@ -6,7 +6,7 @@ S = sum_k beta_k s_k and B = sum_k beta_k. One reverse-time Euler-Maruyama step 
     x' = x + [-f + (1 + c)/2 g^2 S] dtau + sqrt(c) g sqrt(dtau) xi                  (proposal)
     dlogw = dtau [ (B - 1) div f + g^2/2 ( ||S||^2 - sum_k beta_k ||s_k||^2 ) ]     (weight)
 
-for any noise scale c > 0: c = 1 is reference.md section 2, c = 1/beta the "tempered-noise"
+for any noise scale c > 0: c = 1 is docs/algorithms.md section 2, c = 1/beta the "tempered-noise"
 annealing, and the drift's (1 + c)/2 is what keeps the weight the same for every c. The weight is
 evaluated at the step's starting point with the scores its drift uses (one call of each expert per
 step). Particles start from the prior N(0, sigma_{t_0}^2 I) raised to B, N(0, sigma_{t_0}^2 / B I),
@@ -16,7 +16,7 @@ with uniform weights: exact up to alpha_{t_0} (about 0.007 for VP at t = 1).
 (prod_k q_k^{beta_k}) are this one rule with particular exponents.
 
 Non-finite values: a particle whose scores or new position are not finite gets a NaN increment,
-which the engine counts in `SMCResult.nan_increments` (log Z_hat then becomes NaN).
+which the engine counts in `SMCResult.nonfinite_increments` (log Z_hat then becomes NaN).
 
 Resampling is the engine's: pass `resampling` and `ess_threshold` to `smc.run` (the published code
 resamples at every step, ess_threshold=1.0). `resample_window` allows resampling only in a leading
@@ -24,7 +24,6 @@ fraction of the reverse steps (the model's `resample_mask`), as the published im
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import jax
@@ -33,7 +32,7 @@ import numpy as np
 
 import smc
 from proposals import sde as sde_proposals
-from smc.validation import static_finite as _finite
+from smc.validation import check_fraction, static_finite, static_int, static_positive
 from targets.diffusion import sde
 
 Array = jax.Array
@@ -78,18 +77,18 @@ def correctors(scores: Sequence[sde.ScoreFn], betas: Sequence[float], *, schedul
     if float(betas.sum()) <= 0:
         raise ValueError(f"the exponents must have a positive sum (the initial law is the prior "
                          f"to that power), got {float(betas.sum())}")
-    noise_scale = _positive("noise_scale", noise_scale)
+    noise_scale = static_positive("noise_scale", noise_scale)
     if clip is not None:
-        clip = _positive("clip", clip)
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-        raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        clip = static_positive("clip", clip)
+    dim = static_int("dim", dim, 1)
     times = sde.check_time_grid(times)
     mask = None
     if resample_window is not None:
-        if not 0.0 < float(resample_window) <= 1.0:
-            raise ValueError(f"resample_window must lie in (0, 1], got {resample_window}")
+        window = check_fraction("resample_window", resample_window)
+        if window == 0.0:
+            raise ValueError("resample_window must lie in (0, 1], got 0.0")
         steps = len(times) - 1
-        mask = np.arange(steps) < int(np.ceil(float(resample_window) * steps))
+        mask = np.arange(steps) < int(np.ceil(window * steps))
     for score in scores:
         _check_score(score, jax.ShapeDtypeStruct((2, dim), jnp.float32))
 
@@ -133,7 +132,7 @@ def anneal(score: sde.ScoreFn, beta: float, *, schedule: sde.Schedule, times, di
     diag(0.25, 0.5) at beta = 3 the N -> infinity limit of the discretised chain is about half the
     exact variance for any number of steps (200 to 25600). The default (c = 1) is stable.
     """
-    beta = _positive("beta", beta)
+    beta = static_positive("beta", beta)
     return correctors([score], [beta], schedule=schedule, times=times, dim=dim,
                       noise_scale=1.0 / beta if tempered_noise else 1.0, clip=clip,
                       resample_window=resample_window)
@@ -144,7 +143,7 @@ def cfg(score_uncond: sde.ScoreFn, score_cond: sde.ScoreFn, w: float, *, schedul
         resample_window: float | None = None) -> smc.FeynmanKac:
     """Classifier-free guidance as the geometric average q_u^{1-w} q_c^w (any real w):
     dlogw = dtau w (w - 1)/2 g^2 ||s_c - s_u||^2 (the exponents sum to 1: no divergence term)."""
-    w = _finite("w", w)
+    w = static_finite("w", w)
     return correctors([score_uncond, score_cond], [1.0 - w, w], schedule=schedule, times=times,
                       dim=dim, clip=clip, resample_window=resample_window)
 
@@ -158,20 +157,13 @@ def product(scores: Sequence[sde.ScoreFn], betas: Sequence[float] | None = None,
     scores = list(scores)
     betas = [1.0] * len(scores) if betas is None else list(betas)
     for beta in betas:
-        _positive("beta", beta)
+        static_positive("beta", beta)
     return correctors(scores, betas, schedule=schedule, times=times, dim=dim, clip=clip,
                       resample_window=resample_window)
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation
-
-
-def _positive(name: str, value) -> float:
-    value = _finite(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
 
 
 def _check_exponents(scores, betas) -> np.ndarray:
@@ -183,7 +175,7 @@ def _check_exponents(scores, betas) -> np.ndarray:
     for score in scores:
         if not callable(score):
             raise TypeError(f"a score must be a callable (x [N, d], t) -> [N, d], got {score!r}")
-    return np.array([_finite("beta", beta) for beta in betas], np.float64)
+    return np.array([static_finite("beta", beta) for beta in betas], np.float64)
 
 
 def _check_score(score: sde.ScoreFn, x, t=None):

@@ -1,4 +1,4 @@
-"""Psi-Sampler (Um et al. 2025): pCNL initial particles, then reward-guided SMC with lambda = 1.
+"""Psi-Sampler (Yoon et al. 2025): pCNL initial particles, then reward-guided SMC with lambda = 1.
 
 The reward SMC of `reward.py` with constant lambda = 1 has, at t_0, the intermediate target
 
@@ -21,8 +21,6 @@ chains reuse the previous step's values) spread over the particles, plus the SMC
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from collections.abc import Callable
 
 import jax
@@ -31,6 +29,7 @@ import numpy as np
 
 import smc
 from proposals import mcmc
+from smc.validation import check_count, static_positive
 from targets.diffusion import reward as reward_lib
 from targets.diffusion import sde
 
@@ -95,13 +94,10 @@ def psi_sampler(score: sde.ScoreFn, reward: reward_lib.RewardFn, *, alpha: float
     """
     if "exponents" in options or "initial" in options:
         raise ValueError("psi_sampler fixes exponents='constant' and its own initial particles")
-    for name, value, low in (("num_chains", num_chains, 1), ("burn_in", burn_in, 0),
-                             ("thin", thin, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    step_size = float(step_size)
-    if not math.isfinite(step_size) or step_size <= 0:
-        raise ValueError(f"step_size must be finite and > 0, got {step_size}")
+    num_chains = check_count("num_chains", num_chains, 1)
+    burn_in = check_count("burn_in", burn_in, 0)
+    thin = check_count("thin", thin, 1)
+    step_size = static_positive("step_size", step_size)
     alpha = reward_lib.check_alpha(alpha)
     times = sde.check_time_grid(times)
     t0 = jnp.float32(times[0])

@@ -1,6 +1,6 @@
 """Reward-guided SMC for score models (TDS, DAS, FK steering): p_theta(x0) exp(r(x0) / alpha).
 
-Particles walk a decreasing time grid t_0 > ... > t_T (reference.md section 3). Step k moves
+Particles walk a decreasing time grid t_0 > ... > t_T (docs/algorithms.md section 3). Step k moves
 x_k -> x_{k+1} with the base reverse kernel p_theta (Euler-Maruyama or ancestral), or with a
 proposal q whose mean is shifted by guidance * (step variance) * grad log psi_k(x_k), and weighs
 
@@ -18,8 +18,9 @@ change the variance. p_theta is the law of the discretised base chain from N(0, 
 lambda_k: "das" min((1 + gamma)^k - 1, 1); "constant" 1 (TDS, Psi-Sampler); an increasing
 array [T + 1] in [0, 1] ending at 1; or "adaptive": lambda_{k+1} chosen by bisection
 (`smc.tempering.next_exponent`) so that the conditional ESS of the exponent's share of the step's
-increment, (lambda_{k+1} - lambda_k) S_{k+1} / alpha, on the particles weighted by the rest of
-it, is target_ess * N (with lambda_0 = 0).
+increment, (lambda_{k+1} - lambda_k) S_{k+1} / alpha, on the current weighted particles (the
+engine's log-weights, given to the step as a `weighted_step`, plus the rest of the increment) is
+target_ess * N (with lambda_0 = 0).
 
 The cached values (score, reward, statistic, twist, its gradient, lambda) are fields of the
 particles, so the engine's resampling gathers them with x: no stale cache after resampling.
@@ -30,11 +31,10 @@ through the score (jax.value_and_grad of r(x0_hat(x))), about one more forward's
 The score must act on each row of x independently (no batch statistics), or gradients mix rows.
 
 Non-finite values: a particle whose score, reward, gradient or new position is not finite gets a
-NaN increment, which the engine counts in `SMCResult.nan_increments` (log Z_hat becomes NaN).
+NaN increment, which the engine counts in `SMCResult.nonfinite_increments` (log Z_hat becomes NaN).
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -44,7 +44,7 @@ import numpy as np
 
 import smc
 from proposals import sde as sde_proposals
-from smc.validation import static_finite as _finite
+from smc.validation import check_fraction, static_finite, static_int, static_positive
 from targets.diffusion import sde
 
 Array = jax.Array
@@ -76,9 +76,7 @@ class RewardParticles(NamedTuple):
 
 def das_exponents(num_steps: int, gamma: float = 0.008) -> np.ndarray:
     """DAS's lambda_k = min((1 + gamma)^k - 1, 1), k = 0..num_steps, float64 [num_steps + 1]."""
-    gamma = _finite("gamma", gamma)
-    if gamma <= 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
+    gamma = static_positive("gamma", gamma)
     return np.minimum(np.expm1(np.arange(num_steps + 1) * np.log1p(gamma)), 1.0)
 
 
@@ -107,31 +105,27 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
     G_0 = log psi_0.
     """
     alpha = check_alpha(alpha)
-    guidance = _finite("guidance", guidance)
+    guidance = static_finite("guidance", guidance)
     if guidance < 0:
         raise ValueError(f"guidance must be >= 0, got {guidance}")
     if potential not in POTENTIALS:
         raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-        raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+    dim = static_int("dim", dim, 1)
     times = sde.check_time_grid(times)
     num_steps = len(times) - 1
     adaptive = isinstance(exponents, str) and exponents == "adaptive"
     if adaptive:
-        target_ess = _finite("target_ess", target_ess)
-        if not 0.0 < target_ess <= 1.0:
-            raise ValueError(f"target_ess must lie in (0, 1], got {target_ess}")
+        target_ess = check_fraction("target_ess", target_ess)
+        if target_ess == 0.0:
+            raise ValueError("target_ess must be > 0, or the exponent never moves")
         lambdas = np.zeros(num_steps + 1)
     else:
         lambdas = _exponents(exponents, gamma, num_steps)
     mask = None
     if resample_every is not None:
-        if (isinstance(resample_every, bool) or not isinstance(resample_every, numbers.Integral)
-                or resample_every < 1):
-            raise ValueError(f"resample_every must be an int >= 1, got {resample_every!r}")
-        mask = np.arange(num_steps) % int(resample_every) == 0
+        mask = np.arange(num_steps) % static_int("resample_every", resample_every, 1) == 0
     _check_callables(score, reward, dim)
     if initial is not None and not callable(initial):
         raise TypeError(f"initial must be callable (key, N) -> x [N, dim], got {initial!r}")
@@ -183,7 +177,7 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
                                               sde.alpha(schedule, t_next),
                                               sde.sigma(schedule, t_next))
 
-    def step(key: Array, p: RewardParticles, k: Array):
+    def step(key: Array, p: RewardParticles, k: Array, log_weights: Array | None = None):
         base = base_kernel(p, k)
         if use_grad:
             # The twist's gradient, whatever the potential: any shift is exact once weighed.
@@ -199,12 +193,13 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
                                   lambda x: evaluate(x, ts[k + 1]), x_new)
         statistic = _update(potential, p.statistic, r)
         if adaptive:
-            # Split the increment: c + (lambda' - lambda) S' / alpha; bisect on the second part.
+            # Split the increment: rest + (lambda' - lambda) S' / alpha; bisect on the second part
+            # over the cloud weighted by log_weights + rest, where the step leaves it but for it.
             rest = log_ratio + p.exponent * statistic / alpha - p.log_twist
-            finite = _all_finite(rest, statistic)
+            finite = _all_finite(rest, statistic) & ~jnp.isnan(log_weights)
             exponent = smc.tempering.next_exponent(
-                jnp.where(finite, rest, -jnp.inf), jnp.where(finite, statistic / alpha, 0.0),
-                p.exponent[0], target_ess)
+                jnp.where(finite, log_weights + rest, -jnp.inf),
+                jnp.where(finite, statistic / alpha, 0.0), p.exponent[0], target_ess)
             exponent = jnp.full_like(p.exponent, exponent)
         else:
             exponent = jnp.full_like(p.exponent, lambdas_j[k + 1])
@@ -215,7 +210,8 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
         particles = RewardParticles(x_new, s, r, statistic, log_twist, grad, exponent)
         return particles, jnp.where(finite, increments, jnp.nan)
 
-    return smc.FeynmanKac(init=init, step=step, num_steps=num_steps, resample_mask=mask)
+    return smc.FeynmanKac(init=init, step=step, num_steps=num_steps, resample_mask=mask,
+                          weighted_step=adaptive)
 
 
 def _terminal(x: Array, reward: RewardFn) -> tuple[Array, Array, Array]:
@@ -245,10 +241,7 @@ def _all_finite(*arrays: Array) -> Array:
 
 def check_alpha(alpha) -> float:
     """alpha as a float; ValueError unless finite and > 0."""
-    alpha = _finite("alpha", alpha)
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    return alpha
+    return static_positive("alpha", alpha)
 
 
 def _exponents(exponents, gamma: float, num_steps: int) -> np.ndarray:

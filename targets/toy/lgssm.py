@@ -74,7 +74,11 @@ def _log_normal(residual: np.ndarray, cov: np.ndarray) -> float:
 
 
 def bootstrap(model: LGSSM, observations: Array) -> smc.FeynmanKac:
-    """Bootstrap filter: M_t the transition, G_t = log N(y_t; H x_t, R); particles [N, d]."""
+    """Bootstrap filter: M_t the transition, G_t = log N(y_t; H x_t, R); particles [N, d].
+
+    model.F may be a JAX array, traced included, to differentiate log Z_hat with respect to it
+    (tests/test_gradients.py); the other parameters are static NumPy arrays.
+    """
     y = jnp.asarray(observations, jnp.float32)
     d = model.F.shape[0]
     m0, F = jnp.asarray(model.m0, jnp.float32), jnp.asarray(model.F, jnp.float32)
