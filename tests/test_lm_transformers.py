@@ -31,7 +31,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def hf():
-    from experiments.bench_decode import load_transformers
+    from experiments.benchmarks.decode import load_transformers
     # one thread: torch's OpenMP threads slow down several-fold on a loaded 2-core machine
     return load_transformers(GGUF_PATH, threads=1)
 
@@ -88,7 +88,6 @@ def test_logits_match(hf, ours):
 
 def test_greedy_continuations_match_for_64_tokens(hf, ours):
     """64 greedy tokens (stopping at EOS) of a prompt placed in row 1 of a right-padded batch."""
-    from proposals.tokens import make_sampler
     from targets.lm.generate import generate
     _, hf_model = hf
     model, params, tok = ours
@@ -97,11 +96,11 @@ def test_greedy_continuations_match_for_64_tokens(hf, ours):
     n = 64
     padded = np.full((2, len(prompt)), tok.eos_id, np.int32)
     padded[0, :5], padded[1] = prompt[:5], prompt  # row 0: a shorter prompt
-    out = jax.jit(lambda p, t, lens: generate(model, p, jax.random.key(0), t, lens,
-                                              max_new_tokens=n, sampler=make_sampler(0.0)))(
+    out = jax.jit(lambda p, t, lens: generate(jax.random.key(0), model, p, t, lens,
+                                              max_new_tokens=n, temperature=0.0))(
         params, jnp.asarray(padded), jnp.asarray([5, len(prompt)]))
     with torch.no_grad():
         seq = hf_model.generate(input_ids=torch.tensor([prompt]), do_sample=False,
                                 max_new_tokens=n, pad_token_id=tok.eos_id)[0, len(prompt):]
-    assert int(out["length"][1]) == n  # a long answer: all 64 tokens are compared
-    assert np.asarray(out["tokens"][1]).tolist() == seq.tolist()
+    assert int(out.length[1]) == n  # a long answer: all 64 tokens are compared
+    assert np.asarray(out.tokens[1]).tolist() == seq.tolist()

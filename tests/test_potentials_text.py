@@ -1,10 +1,10 @@
 """Text-level potentials: character-level regular expressions (a byte DFA lifted to tokens) and
 host-side text rewards (VADER sentiment), against independent oracles and exact targets.
 
-- The regex compiler against the `regex` package (``fullmatch`` for complete, ``partial=True`` for
-  "can this prefix still be extended to a match") on random strings, non-ASCII included.
 - The token-level potential on a vocabulary of multi-character tokens: its prefix / complete
-  scores against the same oracle on the decoded text of random token sequences.
+  scores against the `regex` package (``fullmatch`` for complete, ``partial=True`` for "can this
+  prefix still be extended to a match") on the decoded text of random token sequences (the byte
+  DFA compiler alone: tests/test_potentials_regex.py).
 - Twisted SMC on the enumerable toy LM whose tokens are given strings: the replicate-averaged
   weighted distribution and Z_hat against p(y) 1[text(y) matches] (the oracle is Python's ``re``),
   with the Monte Carlo tolerances of tests/test_power.py; the same for a VADER tilt exp(lam s(y)),
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from targets.lm import potentials as P
-from targets.lm.twisted import twisted_sampler, twisted_smc
+from targets.lm.twisted import twisted_components, twisted_smc
 from tests.test_power import LM, TV_TOLERANCE, T, check_against_exact
 
 regex = pytest.importorskip("regex")
@@ -53,37 +53,7 @@ def exact_tilted(params, log_phi_text, strings):
     return seqs, np.exp(a - log_z), np.exp(log_z)
 
 
-# ----------------------------------------------------------------------------- regex -> DFA
-PATTERNS = [r"[0-9]+\.", r"(ab|a)*c?", r"\d{2,3}(\.\d)?", r"[^a-c]+x", r"h.{1,2}é",
-            r"(?:\w+ )*\w+\.", r"[a-z ]*", r"a|bc|", r"\S\s\D\W", r"x{2,}"]
-ALPHABET = ["a", "b", "c", "h", "x", "1", "2", ".", " ", "é", "\n"]
-
-
-def byte_dfa_verdicts(dfa, text):
-    """(matches, can still be extended to a match) from the byte DFA, walked in numpy."""
-    live = dfa.accepting.copy()    # states from which an accepting state is reachable
-    while True:
-        step = np.array([np.any((row >= 0) & live[np.maximum(row, 0)]) for row in dfa.transitions])
-        if np.all(live | step == live):
-            break
-        live |= step
-    state = dfa.start
-    for b in text.encode("utf-8"):
-        state = dfa.transitions[state, b] if state >= 0 else -1
-    return state >= 0 and bool(dfa.accepting[state]), state >= 0 and bool(live[state])
-
-
-def test_regex_dfa_agrees_with_the_regex_package():
-    rng = np.random.default_rng(0)
-    texts = ["".join(rng.choice(ALPHABET, rng.integers(0, 7))) for _ in range(300)]
-    for pattern in PATTERNS:
-        dfa = P.regex_dfa(pattern)
-        for text in texts:
-            full = regex.fullmatch(pattern, text, flags=regex.ASCII) is not None
-            alive = regex.fullmatch(pattern, text, flags=regex.ASCII, partial=True) is not None
-            assert byte_dfa_verdicts(dfa, text) == (full, alive), (pattern, text)
-
-
+# ----------------------------------------------------------------------------- regex -> tokens
 def test_multi_character_tokens_are_scored_on_the_decoded_text():
     """Prefix -inf exactly when the decoded text can no longer be extended to a match."""
     vocab = list("0123456789. a") + ["12", "3.", ".5", "a.", " 7", "5 "]
@@ -103,16 +73,6 @@ def test_multi_character_tokens_are_scored_on_the_decoded_text():
         assert (pre == 0.0) == alive, text
         assert (com == 0.0) == (re.fullmatch(pattern, text) is not None), text
     assert 50 < alive_count < M - 50   # both outcomes are exercised
-
-
-@pytest.mark.parametrize("pattern, message", [
-    ("^ab", "anchors"), ("ab$", "anchors"), ("a*?", "lazy"), (r"(a)\1", "escape"),
-    ("[z-a]", "range"), ("(ab", r"missing \)"), ("[ab", "missing ]"), ("a{3,1}", "repetition"),
-    ("(?=a)", "groups"), ("*a", "unexpected"), ("[é]", "non-ASCII"),
-])
-def test_unsupported_regex_raises(pattern, message):
-    with pytest.raises(ValueError, match=message):
-        P.regex_dfa(pattern)
 
 
 def test_bad_text_potential_arguments_raise():
@@ -142,13 +102,14 @@ def test_twisted_smc_with_char_regex_and_vader_tilt_is_exact():
     fn = jax.jit(jax.vmap(lambda k: twisted_smc(k, LM, params, PROMPT, potential,
                                                 num_particles=N, max_new_tokens=T)))
     result = fn(jax.random.split(jax.random.PRNGKey(2), R))
-    assert int(result.nan_increments.sum()) == 0
+    assert int(result.nonfinite_increments.sum()) == 0
     z_evidence, z_max, tv_ratio = check_against_exact(result, seqs, pi, Z)
     assert abs(z_evidence) < 4.0, z_evidence
     assert z_max < 4.5, z_max
     assert tv_ratio < TV_TOLERANCE, tv_ratio
     # pruning: every live particle's text can still be completed (or matches, if finished)
-    W, tok, n = (np.asarray(x) for x in (result.weights, result.tokens, result.length))
+    W, tok, n = (np.asarray(x) for x in (result.weights, result.particles.tokens,
+                                         result.particles.length))
     for r, i in zip(*np.nonzero(W[:8] > 0)):
         assert re.fullmatch(SENTENCE, text_of(SENTENCE_TOKENS, tok[r, i, :n[r, i]]))
 
@@ -188,7 +149,7 @@ def test_wrong_shape_text_potential_raises_before_generation(params):
     bad = P.Potential(prefix=lambda tok, n: jnp.zeros((2,)),
                       complete=P.vader_sentiment(toy_bytes(WORD_TOKENS)).complete)
     with pytest.raises(ValueError, match="scalar"):
-        twisted_sampler(LM, params, PROMPT, bad, max_new_tokens=T)
+        twisted_components(LM, params, PROMPT, bad, max_new_tokens=T)
 
 
 # ----------------------------------------------------------------------------- SmolLM2 vocabulary

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from targets.lm.power import draw, power_feynman_kac, power_smc
+from targets.lm.decoding import draw
+from targets.lm.power import power_model, power_smc
 from targets.toy.enumerable_lm import EnumerableLM
 
 ALPHA = 3.0
@@ -61,7 +62,7 @@ def sequence_index(seqs, tokens, length):
 
 def weighted_estimates(result, seqs):
     """[R, S] weighted empirical distribution per replicate, and mass outside seqs [R]."""
-    idx = sequence_index(seqs, result.tokens, result.length)
+    idx = sequence_index(seqs, result.particles.tokens, result.particles.length)
     W = np.asarray(result.weights, np.float64)
     est = np.stack([np.bincount(np.where(i >= 0, i, len(seqs)), w, minlength=len(seqs) + 1)
                     for i, w in zip(idx, W)])
@@ -191,4 +192,4 @@ def test_several_prompts_by_vmap_and_draw(params):
 def test_bad_input_raises_before_generation(params, kwargs, prompt, message):
     kwargs = dict({"max_new_tokens": T}, **kwargs)
     with pytest.raises(ValueError, match=message):
-        power_feynman_kac(LM, params, jnp.asarray(prompt, jnp.int32), **kwargs)
+        power_model(LM, params, jnp.asarray(prompt, jnp.int32), **kwargs)

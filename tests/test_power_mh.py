@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 from test_power import ALPHA, LM, T, exact_target, sequence_index
 
-from targets.lm.mh_power import mh_power, mh_power_sampler
+from targets.lm.mh_power import mh_power, mh_power_components
 
 C = 20000  # chains
 
@@ -24,7 +24,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def sampler(params):
-    return mh_power_sampler(LM, params, jnp.array([LM.bos_id]), alpha=ALPHA, max_new_tokens=T,
+    return mh_power_components(LM, params, jnp.array([LM.bos_id]), alpha=ALPHA, max_new_tokens=T,
                             block_size=2, mh_steps=2)
 
 
@@ -84,7 +84,7 @@ def test_mh_sampler_converges_to_power_distribution(params, sampler):
     floor = tv_floor(pi, chains)
     result = jax.jit(lambda k: sampler.run(k, chains))(jax.random.PRNGKey(7))
     many_moves = jax.jit(lambda key, state: sampler.moves(key, state, T, 50))
-    state, key, tvs = result.state, jax.random.PRNGKey(9), []
+    state, key, tvs = result.particles, jax.random.PRNGKey(9), []
     for _ in range(12):
         tvs.append(0.5 * np.abs(counts_of(state, seqs) / chains - pi).sum())
         key, sub = jax.random.split(key)
@@ -103,5 +103,5 @@ def test_mh_bad_input(params, kwargs, message):
     with pytest.raises(ValueError, match=message):
         mh_power(jax.random.PRNGKey(0), LM, params, jnp.array([LM.bos_id]), num_chains=4, **kwargs)
     with pytest.raises(ValueError, match="empty prompt"):
-        mh_power_sampler(LM, params, jnp.zeros((0,), jnp.int32), alpha=2.0, max_new_tokens=T,
+        mh_power_components(LM, params, jnp.zeros((0,), jnp.int32), alpha=2.0, max_new_tokens=T,
                          block_size=2, mh_steps=1)

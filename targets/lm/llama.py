@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smc.validation import static_int
 from targets.lm.gguf_loader import LlamaConfig, load_llama_numpy
 
 Params = dict[str, Any]
@@ -236,6 +237,7 @@ def load_llama(path: str | os.PathLike | None = None, *, dtype=jnp.float32, max_
     Returns ``(model, params)``; ``model`` holds the static configuration and the methods
     (``scan_layers``: quick compilation, slower decoding; see the module docstring).
     """
+    max_len = static_int("max_len", max_len, 1)
     cfg, params_np, meta = load_llama_numpy(path)
     if max_len > cfg.context_length:
         raise ValueError(f"max_len {max_len} exceeds the model's context length "

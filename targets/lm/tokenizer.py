@@ -6,6 +6,10 @@ Byte-level BPE (``tokenizer.ggml.model == "gpt2"``) is rebuilt with the ``tokeni
 ``<|im_start|>`` in text encodes to its single id. The chat template
 (``tokenizer.chat_template``) is rendered with jinja2 in a sandbox, the way transformers does
 (``trim_blocks``, ``lstrip_blocks``, ``raise_exception``).
+
+Text-level potentials see a vocabulary as ``token_bytes``, the UTF-8 bytes of every token id:
+`token_bytes_of` reads them off a byte-level BPE tokenizer (GPT-2's byte-to-character table
+inverted), `as_token_bytes` checks any such list (strings are UTF-8 encoded).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from smc.optional import require
 from targets.lm.gguf_loader import GGUFError, metadata, open_gguf
 
 # Pre-tokenizer regexes (as used by the reference byte-level BPE tokenizers; written out here).
@@ -23,8 +28,8 @@ CONTROL = 3
 
 
 def _pre_tokenizer(pre: str):
-    from tokenizers import Regex
-    from tokenizers import pre_tokenizers as pt
+    Regex = require("tokenizers", "lm", "the GGUF tokenizer").Regex
+    pt = require("tokenizers.pre_tokenizers", "lm", "the GGUF tokenizer")
     byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre in ("gpt2", "default", ""):
         return pt.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -42,7 +47,9 @@ class GGUFTokenizer:
     """Encode/decode text and render chat prompts for a GGUF model."""
 
     def __init__(self, meta: dict[str, Any]):
-        from tokenizers import AddedToken, Tokenizer, decoders, models
+        tokenizers = require("tokenizers", "lm", "the GGUF tokenizer")
+        AddedToken, Tokenizer = tokenizers.AddedToken, tokenizers.Tokenizer
+        decoders, models = tokenizers.decoders, tokenizers.models
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise GGUFError(f"unsupported tokenizer model '{kind}': only byte-level BPE ('gpt2')")
@@ -85,7 +92,12 @@ class GGUFTokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        """The text of token ids; ValueError naming them for ids outside [0, vocab_size)."""
+        ids = [int(i) for i in ids]
+        bad = sorted({i for i in ids if not 0 <= i < self.vocab_size})
+        if bad:
+            raise ValueError(f"token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        return self._tok.decode(ids, skip_special_tokens=skip_special)
 
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = True, **extra) -> str:
@@ -102,8 +114,9 @@ class GGUFTokenizer:
 
 
 def render_chat_template(template: str, messages, **variables) -> str:
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    TemplateError = require("jinja2.exceptions", "lm", "chat templates").TemplateError
+    sandbox = require("jinja2.sandbox", "lm", "chat templates")
+    ImmutableSandboxedEnvironment = sandbox.ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -111,3 +124,49 @@ def render_chat_template(template: str, messages, **variables) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(messages=messages, **variables)
+
+
+# ----------------------------------------------------------------------------- token bytes
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable stand-in character of each byte."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes_of(tokenizer) -> list[bytes]:
+    """UTF-8 bytes of every token id of a byte-level BPE tokenizer (`GGUFTokenizer`).
+
+    Control tokens (``tokenizer.special_ids``) are their literal text, as ``decode`` shows them.
+    """
+    inverse = _byte_decoder()
+    special = set(getattr(tokenizer, "special_ids", ()))
+    out = []
+    for i, token in enumerate(tokenizer.tokens):
+        if i in special or any(c not in inverse for c in token):
+            out.append(token.encode("utf-8"))
+        else:
+            out.append(bytes(inverse[c] for c in token))
+    return out
+
+
+def as_token_bytes(token_bytes: Sequence[bytes | str]) -> list[bytes]:
+    """A vocabulary as ``list[bytes]``, one entry per token id (a str is UTF-8 encoded); raises
+    on an empty vocabulary, a bare str/bytes, or an entry that is neither bytes nor str."""
+    if isinstance(token_bytes, (str, bytes)) or len(token_bytes) == 0:
+        raise ValueError("token_bytes must be a non-empty sequence with one entry per token id")
+    out = []
+    for i, b in enumerate(token_bytes):
+        if isinstance(b, str):
+            b = b.encode("utf-8")
+        if not isinstance(b, bytes):
+            raise TypeError(f"token_bytes[{i}] must be bytes or str, got {type(b).__name__}")
+        out.append(b)
+    return out

@@ -1,4 +1,4 @@
-"""Reward-twisted SMC: sample sequences from Pi(y) ~ p(y | x) phi(y) (reference.md section 6).
+"""Reward-twisted SMC: sample sequences from Pi(y) ~ p(y | x) phi(y) (docs/algorithms.md section 6).
 
 The target
 ----------
@@ -24,7 +24,7 @@ replaced by the complete one: ``log phi(y) - log psi(y_<s)``. A forced EOS is a 
 (``log q = 0``), so its weight carries ``log p(EOS | y_<T)``. Finished rows are frozen (no tokens,
 zero increments); a row whose prefix potential is already -inf keeps weight -inf (its increments are
 0, never -inf - -inf = NaN); a NaN potential gives a NaN increment, counted by the engine
-(``result.nan_increments``).
+(``result.nonfinite_increments``).
 
 Masked proposal (``mask_proposal``, on by default): when the potential has ``allowed`` (a hard
 constraint that knows which next tokens keep the sequence possible: `potentials.dfa_constraint`,
@@ -75,53 +75,34 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import logsumexp
 
 import smc
 from proposals.tokens import filtered_logprobs
+from smc.validation import static_bool, static_int, static_positive
+from targets.lm import decoding
+from targets.lm.decoding import SequenceState
 from targets.lm.potentials import Potential, check_allowed, check_potential
-from targets.lm.power import (
-    PowerParticles,
-    PowerResult,
-    _static_int,
-    _static_real,
-    advance,
-    check_prompt,
-    init_particles,
-    propose_token,
-)
 
 Array = jax.Array
 LOOKAHEAD_FLOOR = 1e-3   # eps of the lookahead twist's defensive mixture (module docstring)
 
 
-class TwistedParticles(NamedTuple):
-    """Power-SMC's particles plus the current log-potential and per-token log p, log q."""
+class TwistedComponents(NamedTuple):
+    """Reward-twisted SMC for one prompt, and its parts (see `twisted_components`)."""
 
-    lm: PowerParticles      # cache, next-token logprobs, tokens, length, done, eos, logp
-    log_potential: Array    # [N] log psi (unfinished) or log phi (finished)
-    tok_logp: Array         # [N, T] log p(y_j | y_<j), 0 past the length
-    tok_logq: Array         # [N, T] log q(y_j | y_<j), 0 past the length
-
-
-class TwistedSampler(NamedTuple):
-    """Functions of one prompt (see `twisted_sampler`)."""
-
-    model: Any          # smc.FeynmanKac (with `move` when rejuvenation is on)
-    from_tokens: Any    # (tokens [N, T], length [N], limit) -> TwistedParticles (teacher forcing)
-    move: Any           # (key, particles, t) -> particles: the MH step invariant for gamma_{tB}
-    twist: Any          # (key, power particles, s) -> [N] log of the K-rollout estimate of psi
-                        # for unfinished prefixes of s + 1 tokens (None without lookahead)
+    model: smc.FeynmanKac   # with `move` when rejuvenation is on
+    from_tokens: Any        # (tokens [N, T], length [N], limit) -> SequenceState (teacher forcing)
+    move: Any               # (key, state, t) -> state: the MH step invariant for gamma_{tB}
+    twist: Any              # (key, state) -> [N] log of the K-rollout estimate of psi for the
+                            # rows' prefixes (None without lookahead)
 
 
-def _body_length(p: PowerParticles):
-    """Tokens before the EOS (the potentials never see the EOS)."""
-    return p.length - p.eos.astype(jnp.int32)
-
-
-def twisted_sampler(lm, params, prompt, potential: Potential, *, max_new_tokens: int,
-                    block_size: int = 1, temperature: float = 1.0, rejuvenate: bool = False,
-                    forced_eos: bool = False, lookahead: int = 0, prompt_length=None,
-                    eos_id: int | None = None, mask_proposal: bool = True) -> TwistedSampler:
+def twisted_components(lm, params, prompt, potential: Potential, *, max_new_tokens: int,
+                       block_size: int = 1, temperature: float = 1.0, rejuvenate: bool = False,
+                       forced_eos: bool = False, lookahead: int = 0, prompt_length=None,
+                       eos_id: int | None = None, mask_proposal: bool = True
+                       ) -> TwistedComponents:
     """Build reward-twisted SMC for one prompt; every argument is checked before generation.
 
     ``temperature`` tau: the proposal p^{1/tau} (the weight corrects for it). ``rejuvenate``: one
@@ -129,196 +110,147 @@ def twisted_sampler(lm, params, prompt, potential: Potential, *, max_new_tokens:
     twist is estimated by K rollouts from p (module docstring). ``mask_proposal``: propose only
     allowed tokens when the potential has ``allowed`` (exact; no effect otherwise).
     """
-    T = _static_int("max_new_tokens", max_new_tokens, 1)
-    B = _static_int("block_size", block_size, 1)
-    tau = _static_real("temperature", temperature)
-    K = _static_int("lookahead", lookahead, 0)
+    T = static_int("max_new_tokens", max_new_tokens, 1)
+    B = static_int("block_size", block_size, 1)
+    tau = static_positive("temperature", temperature)
+    K = static_int("lookahead", lookahead, 0)
     if K and (rejuvenate or forced_eos):
         raise ValueError("lookahead is not combined with rejuvenate or forced_eos")
-    prompt, prompt_length = check_prompt(lm, prompt, prompt_length, T)
-    eos = lm.eos_id if eos_id is None else eos_id
-    if eos is None:
-        raise ValueError("the model has no eos_id; pass eos_id")
+    prompt, prompt_length = decoding.check_prompt(lm, prompt, prompt_length, T)
+    eos = decoding.resolve_eos(lm, eos_id)
     check_potential(potential, T)
-    if not isinstance(mask_proposal, bool):
-        raise TypeError(f"mask_proposal must be a bool, got {type(mask_proposal).__name__}")
-    masked = mask_proposal and potential.allowed is not None
+    masked = static_bool("mask_proposal", mask_proposal) and potential.allowed is not None
     if masked:
         check_allowed(potential, T, lm.vocab_size)
     prefix_fn = jax.vmap(potential.prefix)
     complete_fn = jax.vmap(potential.complete)
     num_blocks = -(-T // B)
 
-    def proposal(p: PowerParticles, s):
-        """(log q [N, V], some token allowed [N]) for position s; q = p^{1/tau} (masked)."""
+    def start(n: int) -> SequenceState:
+        return decoding.start(lm, params, prompt[None], prompt_length[None], max_new_tokens=T,
+                              eos_id=eos, copies=n)
+
+    def proposal_and_allowed(s: SequenceState) -> tuple[Array, Array]:
+        """(log q [N, V], some token allowed [N]) for each row's next token; q ~ p^{1/tau}
+        (masked)."""
         if not masked:
-            return filtered_logprobs(p.logprobs, tau), jnp.ones(p.length.shape, bool)
-        n = _body_length(p)
-        # the sequence ends right after token s: cut at T, or a forced EOS at T - 1 follows
-        final = (s + 1 >= T) | (forced_eos & (s + 2 >= T))
-        allow = jax.vmap(lambda tok, m: potential.allowed(tok, m, p.logprobs.shape[-1], final))(
-            p.tokens, n)
-        allow = allow.at[:, eos].set(jnp.isfinite(complete_fn(p.tokens, n)))
+            return filtered_logprobs(s.logprobs, tau), jnp.ones(s.length.shape, bool)
+        # the sequence ends right after this token: cut at T, or a forced EOS at T - 1 follows
+        final = (s.length + 1 >= T) | (forced_eos & (s.length + 2 >= T))
+        vocab = s.logprobs.shape[-1]
+        allow = jax.vmap(lambda tok, m, f: potential.allowed(tok, m, vocab, f))(
+            s.tokens, s.body_length, final)
+        allow = allow.at[:, eos].set(jnp.isfinite(complete_fn(s.tokens, s.body_length)))
         some = jnp.any(allow, axis=-1)
         # no allowed token: sample unmasked (the caller kills the row), never a 0/0 = NaN
         allow = allow | ~some[:, None]
-        return filtered_logprobs(p.logprobs, tau, mask=allow), some
+        return filtered_logprobs(s.logprobs, tau, mask=allow), some
 
-    def potential_of(p: PowerParticles):
-        n = _body_length(p)
-        return jnp.where(p.done, complete_fn(p.tokens, n), prefix_fn(p.tokens, n))
+    def proposal(s: SequenceState) -> Array:
+        return proposal_and_allowed(s)[0]
 
-    def rollout_log_psi(key, p: PowerParticles, s):
-        """log twist per row (prefix of s + 1 tokens): the K-rollout estimate of E_p[phi | prefix]
-        mixed with eps exp(prefix) (positive wherever the prefix is)."""
-        n = p.length.shape[0]
-        rep = jax.tree_util.tree_map(lambda x: jnp.repeat(x, K, axis=0), p)
+    def potential_of(s: SequenceState) -> Array:
+        return jnp.where(s.done, complete_fn(s.tokens, s.body_length),
+                         prefix_fn(s.tokens, s.body_length))
 
-        def body(q, inputs):
-            key, d = inputs
-            j = s + 1 + d
-            tok, _, lp, _, ends = propose_token(key, q, q.logprobs, j, T, False, eos)
-            return advance(lm, params, q, tok, lp, ends, j, prompt_length, eos), None
-
-        rep, _ = jax.lax.scan(body, rep, (jax.random.split(key, T - 1),
-                                          jnp.arange(T - 1, dtype=jnp.int32)))
-        log_phi = complete_fn(rep.tokens, _body_length(rep)).reshape(n, K)
-        log_psi_hat = jax.scipy.special.logsumexp(log_phi, axis=1) - jnp.log(K)
+    def twist(key, s: SequenceState) -> Array:
+        """log twist per row: the K-rollout estimate of E_p[phi | prefix] mixed with
+        eps exp(prefix) (positive wherever the prefix is)."""
+        n = s.length.shape[0]
+        copies = jax.tree_util.tree_map(lambda x: jnp.repeat(x, K, axis=0), s)
+        ends = decoding.rollout(key, lm, params, copies, lambda c: c.logprobs, eos)
+        log_phi = complete_fn(ends.tokens, ends.body_length).reshape(n, K)
+        log_psi_hat = logsumexp(log_phi, axis=1) - jnp.log(K)
         return jnp.logaddexp(jnp.log1p(-LOOKAHEAD_FLOOR) + log_psi_hat,
-                             jnp.log(LOOKAHEAD_FLOOR) + prefix_fn(p.tokens, _body_length(p)))
+                             jnp.log(LOOKAHEAD_FLOOR) + prefix_fn(s.tokens, s.body_length))
 
     def init(key, n):
         del key
-        p = init_particles(lm, params, prompt, prompt_length, n, T, eos)
-        log_psi = (jnp.zeros((n,), jnp.float32) if K else prefix_fn(p.tokens, p.length))
-        zeros = jnp.zeros((n, T), jnp.float32)
-        return TwistedParticles(p, log_psi, zeros, zeros), log_psi
+        s = start(n)
+        log_psi = jnp.zeros((n,), jnp.float32) if K else prefix_fn(s.tokens, s.body_length)
+        return s._replace(log_potential=log_psi), log_psi
 
-    def token_step(key, tp: TwistedParticles, s, block_end: bool = True):
-        key_tok, key_roll = jax.random.split(key)
-        p = tp.lm
-        live = ~p.done
-        logq_all, some = proposal(p, s)
-        tok, logq, lp_tok, _forced, ends = propose_token(key_tok, p, logq_all, s, T, forced_eos,
-                                                         eos)
-        new = advance(lm, params, p, tok, lp_tok, ends, s, prompt_length, eos)
-        old_pot = tp.log_potential
+    def token_step(key, s: SequenceState, block_end: bool = True):
+        key_token, key_twist = jax.random.split(key)
+        live = ~s.done
+        logq_all, some = proposal_and_allowed(s)
+        tokens, logq, _ = decoding.draw_token(key_token, s, logq_all, eos, forced_eos)
+        lp_token = decoding.token_logprob(s, tokens)
+        new = decoding.append(lm, params, s, tokens, logq, eos)
+        old = s.log_potential
         if K:
-            twist = rollout_log_psi(key_roll, new, s) if block_end else old_pot
-            new_pot = jnp.where(new.done, complete_fn(new.tokens, _body_length(new)), twist)
+            estimate = twist(key_twist, new) if block_end else old
+            log_pot = jnp.where(new.done, complete_fn(new.tokens, new.body_length), estimate)
         else:
-            new_pot = potential_of(new)
-        new_pot = jnp.where(some, new_pot, -jnp.inf)
-        pot_inc = jnp.where(jnp.isneginf(old_pot), jnp.where(jnp.isnan(new_pot), jnp.nan, 0.0),
-                            new_pot - old_pot)
-        increment = jnp.where(live, lp_tok - logq + pot_inc, 0.0)
-        new_tp = TwistedParticles(
-            new, jnp.where(live, new_pot, old_pot),
-            tp.tok_logp.at[:, s].set(jnp.where(live, lp_tok, 0.0)),
-            tp.tok_logq.at[:, s].set(jnp.where(live, logq, 0.0)))
-        return new_tp, increment
+            log_pot = potential_of(new)
+        log_pot = jnp.where(some, log_pot, -jnp.inf)
+        # a row already at -inf stays there with zero increments (never -inf - -inf = NaN),
+        # unless the potential turns NaN or +inf: that stays visible as a NaN increment
+        pot_increment = jnp.where(jnp.isneginf(old),
+                                  jnp.where(jnp.isnan(log_pot) | jnp.isposinf(log_pot),
+                                            jnp.nan, 0.0),
+                                  log_pot - old)
+        increment = jnp.where(live, lp_token - logq + pot_increment, 0.0)
+        return new._replace(log_potential=jnp.where(live, log_pot, old)), increment
 
-    def step(key, tp: TwistedParticles, t):
-        def body(carry, inputs):
-            tp, total = carry
-            key, j = inputs
-            tp, inc = token_step(key, tp, t * B + j, block_end=not K)
-            return (tp, total + inc), None
-        n = tp.log_potential.shape[0]
+    def step(key, s: SequenceState, t):
+        def body(carry, key):
+            s, total = carry
+            s, increment = token_step(key, s, block_end=not K)
+            return (s, total + increment), None
+        n = s.length.shape[0]
         key_first, key_last = jax.random.split(key)
         inner = B - 1 if K else B   # with lookahead the block's last token runs the rollouts
-        (tp, total), _ = jax.lax.scan(body, (tp, jnp.zeros((n,), jnp.float32)),
-                                      (jax.random.split(key_first, inner),
-                                       jnp.arange(inner, dtype=jnp.int32)))
+        (s, total), _ = jax.lax.scan(body, (s, jnp.zeros((n,), jnp.float32)),
+                                     jax.random.split(key_first, inner))
         if K:
-            tp, inc = token_step(key_last, tp, t * B + B - 1, block_end=True)
-            total = total + inc
-        return tp, total
+            s, increment = token_step(key_last, s, block_end=True)
+            total = total + increment
+        return s, total
 
-    def regenerate(key, tokens, cut, limit):
-        """Teacher-force tokens[:, :cut], then sample from q until EOS or ``limit`` (< T) tokens.
+    def regenerate(key, tokens, cut, limit) -> SequenceState:
+        """Teacher-force tokens[:, :cut], then sample from q until EOS or ``limit`` tokens."""
+        s = decoding.rollout(key, lm, params, start(tokens.shape[0]), proposal, eos, limit=limit,
+                             teacher=tokens, cut=cut)
+        return s._replace(log_potential=potential_of(s))
 
-        ``limit`` may be traced; the scan runs over all T positions with the rest masked.
-        """
-        n = tokens.shape[0]
-        p0 = init_particles(lm, params, prompt, prompt_length, n, T, eos)
-        zeros = jnp.zeros((n, T), jnp.float32)
-
-        def body(carry, inputs):
-            p, tlp, tlq = carry
-            key, j = inputs
-            active = ~p.done & (j < limit)
-            logq_all, _ = proposal(p, j)
-            sampled = jax.random.categorical(key, logq_all, axis=-1).astype(jnp.int32)
-            tok = jnp.where(active, jnp.where(j < cut, tokens[:, j], sampled), eos)
-            lp = jnp.take_along_axis(p.logprobs, tok[:, None], -1)[:, 0]
-            lq = jnp.take_along_axis(logq_all, tok[:, None], -1)[:, 0]
-            ends = (tok == eos) | (j + 1 >= T)
-            p = advance(lm, params, p, tok, lp, ends, j, prompt_length, eos, live=active)
-            tlp = tlp.at[:, j].set(jnp.where(active, lp, 0.0))
-            tlq = tlq.at[:, j].set(jnp.where(active, lq, 0.0))
-            return (p, tlp, tlq), None
-
-        (p, tlp, tlq), _ = jax.lax.scan(
-            body, (p0, zeros, zeros), (jax.random.split(key, T), jnp.arange(T, dtype=jnp.int32)))
-        return TwistedParticles(p, potential_of(p), tlp, tlq)
-
-    def from_tokens(tokens, length, limit):
+    def from_tokens(tokens, length, limit) -> SequenceState:
         """Score given sequences (EOS-terminated within ``limit`` or unfinished with ``limit``)."""
         tokens = jnp.asarray(tokens, jnp.int32)
         return regenerate(jax.random.PRNGKey(0), tokens, jnp.asarray(length, jnp.int32), limit)
 
-    def move(key, tp: TwistedParticles, t):
+    def move(key, s: SequenceState, t) -> SequenceState:
         limit = jnp.minimum(t * B, T - 1)
-        key_cut, key_gen, key_accept = jax.random.split(key, 3)
-        length = tp.lm.length
-        u = jax.random.uniform(key_cut, length.shape)
-        cut = jnp.clip((u * length).astype(jnp.int32), 0, jnp.maximum(length - 1, 0))
-        new = regenerate(key_gen, tp.lm.tokens, cut, limit)
-        suffix = jnp.arange(T)[None, :] >= cut[:, None]
+        moved, _ = decoding.suffix_mh(
+            key, s, lambda k, tokens, cut: regenerate(k, tokens, cut, limit),
+            lambda c: c.logp + c.log_potential)
+        return moved
 
-        def total(x):
-            return jnp.sum(jnp.where(suffix, x, 0.0), axis=-1)
-        log_len = lambda n: jnp.log(jnp.maximum(n, 1).astype(jnp.float32))
-        log_r = (total(new.tok_logp) - total(tp.tok_logp)
-                 + total(tp.tok_logq) - total(new.tok_logq)
-                 + new.log_potential - tp.log_potential
-                 + log_len(length) - log_len(new.lm.length))
-        accept = (length > 0) & (jnp.log(jax.random.uniform(key_accept, log_r.shape)) < log_r)
-        return jax.tree_util.tree_map(
-            lambda a, b: jnp.where(accept.reshape(accept.shape + (1,) * (a.ndim - 1)), a, b),
-            new, tp)
-
-    def done(tp: TwistedParticles):
-        return jnp.all(tp.lm.done)
+    def done(s: SequenceState):
+        return jnp.all(s.done)
 
     model = smc.FeynmanKac(init=init, step=step, num_steps=num_blocks, done=done,
                            move=move if rejuvenate else None)
-    return TwistedSampler(model=model, from_tokens=from_tokens, move=move,
-                          twist=rollout_log_psi if K else None)
+    return TwistedComponents(model=model, from_tokens=from_tokens, move=move,
+                             twist=twist if K else None)
+
+
+def twisted_model(lm, params, prompt, potential: Potential, **options) -> smc.FeynmanKac:
+    """The Feynman-Kac model of reward-twisted SMC for one prompt (options: `twisted_components`)."""
+    return twisted_components(lm, params, prompt, potential, **options).model
 
 
 def twisted_smc(key, lm, params, prompt, potential: Potential, *, num_particles: int,
-                max_new_tokens: int, block_size: int = 1, temperature: float = 1.0,
-                rejuvenate: bool = False, forced_eos: bool = False, lookahead: int = 0,
-                prompt_length=None, eos_id: int | None = None, mask_proposal: bool = True,
-                resampling=smc.resampling.systematic,
-                ess_threshold: float = 0.5) -> PowerResult:
-    """Run reward-twisted SMC for one prompt; every weighted sequence, as Power-SMC returns them.
+                resampling=smc.resampling.systematic, ess_threshold: float = 0.5,
+                **options) -> smc.SMCResult:
+    """Run reward-twisted SMC for one prompt: an `smc.SMCResult` whose particles are the weighted
+    sequences (`decoding.SequenceState` without the cache; `decoding.draw` picks one).
 
-    ``log_evidence`` estimates log sum_y p(y) phi(y) (Z_hat unbiased); ``nan_increments`` counts
-    NaN log-potentials. Pure in ``key``: jit with the static arguments bound, vmap over keys or
-    prompts; `targets.lm.power.draw` picks one sequence by weight.
+    ``log_evidence`` estimates log sum_y p(y) phi(y) (Z_hat unbiased);
+    ``nonfinite_increments`` counts NaN (or +inf) log-weight increments. ``options``: those of
+    `twisted_components` (``max_new_tokens`` ...).
+    Pure in ``key``: jit with the static arguments bound, vmap over keys or prompts.
     """
-    sampler = twisted_sampler(lm, params, prompt, potential, max_new_tokens=max_new_tokens,
-                              block_size=block_size, temperature=temperature,
-                              rejuvenate=rejuvenate, forced_eos=forced_eos,
-                              lookahead=lookahead, prompt_length=prompt_length, eos_id=eos_id,
-                              mask_proposal=mask_proposal)
-    result = smc.run(key, sampler.model, num_particles, resampling=resampling,
-                     ess_threshold=ess_threshold)
-    p = result.particles.lm
-    return PowerResult(tokens=p.tokens, length=p.length, eos=p.eos, logp=p.logp,
-                       log_weights=result.log_weights, log_evidence=result.log_evidence,
-                       ess=result.ess, resampled=result.resampled, num_steps=result.num_steps,
-                       nan_increments=result.nan_increments)
+    model = twisted_model(lm, params, prompt, potential, **options)
+    result = smc.run(key, model, num_particles, resampling=resampling, ess_threshold=ess_threshold)
+    return result._replace(particles=decoding.without_cache(result.particles))

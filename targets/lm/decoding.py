@@ -1,0 +1,289 @@
+"""The decoding layer every language-model algorithm is made of (docs/algorithms.md sections 5-6).
+
+A `SequenceState` is a batch of rows, each a prompt and the tokens generated after it, with
+everything the algorithms weigh them by: the model's cache and next-token distribution, the
+log-probability of each generated token under the model (``token_logp``) and under the proposal
+that produced it (``token_logq``), and a log-potential slot that twisted SMC fills. It is the
+particle type of every LM algorithm: its leaves all have the row axis first, so the SMC engine
+resamples it (cache included) with one gather.
+
+A row *ends* at its first EOS or once it holds T = ``max_new_tokens`` tokens; an ended row is
+frozen: it is fed at position ``max_len``, which writes nothing to its cache, and its token
+slots stay EOS. The few functions below are all the algorithms need:
+
+- `start`: prefill each prompt once and copy its cache into its rows;
+- `append`: add one token to the live rows;
+- `rollout`: append until the rows end or reach a length limit, teacher-forcing a given prefix
+  (scored, not sampled) and sampling the rest from a proposal;
+- `suffix_mh`: one Metropolis-Hastings step that regenerates a suffix from a uniform cut.
+
+A proposal is a function ``proposal(state) -> log q [N, V]`` (normalised over the tokens it
+allows, ``-inf`` elsewhere): algorithms keep only their own proposal and weight.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smc.validation import static_int
+from targets.lm.protocol import LanguageModel, check_language_model
+
+Array = jax.Array
+Proposal = Callable[["SequenceState"], Array]
+Sampler = Callable[[Array, Array], Array]
+
+
+class SequenceState(NamedTuple):
+    """N rows being decoded (leading axis N on every leaf); T = max_new_tokens."""
+
+    cache: Any               # the model's cache (None once dropped from a result)
+    logprobs: Array          # [N, V] float32 log p(. | prompt, tokens so far)
+    tokens: Array            # [N, T] int32 generated tokens, EOS past the length
+    length: Array            # [N] int32 generated tokens, the EOS included
+    prompt_length: Array     # [N] int32 real prompt tokens (token j sits at prompt_length + j)
+    done: Array              # [N] bool: ended (EOS, or T tokens)
+    ended_with_eos: Array    # [N] bool: ended by an EOS token
+    token_logp: Array        # [N, T] float32 log p(y_j | y_<j), 0 past the length
+    token_logq: Array        # [N, T] float32 log q(y_j | y_<j) of the proposal, 0 past the length
+    log_potential: Array     # [N] float32 log-potential of the sequence (twisted SMC), else 0
+
+    @property
+    def logp(self) -> Array:
+        """[N] log p(y_1:length | prompt) of the generated tokens."""
+        return jnp.sum(self.token_logp, axis=-1)
+
+    @property
+    def body_length(self) -> Array:
+        """[N] tokens before the EOS (what potentials see: they never see the EOS)."""
+        return self.length - self.ended_with_eos.astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- checks
+def resolve_eos(lm: LanguageModel, eos_id: int | None) -> int:
+    """The EOS id to stop at: `eos_id` if given (-1 matches no token), else the model's."""
+    eos = lm.eos_id if eos_id is None else eos_id
+    if eos is None:
+        raise ValueError("the model has no eos_id; pass eos_id")
+    return static_int("eos_id", eos, -1)
+
+
+def check_prompts(lm: LanguageModel, prompts: Any, prompt_lengths: Any, max_new_tokens: int
+                  ) -> tuple[Array, Array]:
+    """(prompts [B, P] int32, prompt_lengths [B] int32), checked before any work.
+
+    Concrete prompts must hold token ids in [0, vocab_size) and lengths in [1, P]. Under `jit`
+    (traced prompts) they cannot be checked here: `start` then gives a row whose prompt holds an
+    id outside the vocabulary NaN log-probabilities, so that its weights and log p are NaN and
+    the SMC engine counts and flags them (never a silent answer from clamped ids).
+    """
+    check_language_model(lm)
+    static_int("max_new_tokens", max_new_tokens, 1)
+    if not hasattr(prompts, "dtype"):
+        prompts = np.asarray(prompts)
+    if prompts.ndim != 2:
+        raise ValueError(f"prompts must be a right-padded [B, P] token array, got shape "
+                         f"{prompts.shape}")
+    if not jnp.issubdtype(prompts.dtype, jnp.integer):
+        raise TypeError(f"prompt must hold integer token ids, got {prompts.dtype}")
+    width = prompts.shape[1]
+    if width == 0:
+        raise ValueError("empty prompt: decoding needs at least one prompt token (e.g. BOS)")
+    if width + max_new_tokens > lm.max_len:
+        raise ValueError(f"prompt width {width} + max_new_tokens {max_new_tokens} exceeds the "
+                         f"cache length max_len {lm.max_len}")
+    if not isinstance(prompts, jax.core.Tracer):
+        ids = np.asarray(prompts)
+        bad = (ids < 0) | (ids >= lm.vocab_size)
+        if bad.any():
+            raise ValueError(f"prompt holds token ids outside the vocabulary [0, "
+                             f"{lm.vocab_size}): {sorted(set(ids[bad].tolist()))[:5]}")
+    if not isinstance(prompt_lengths, jax.core.Tracer):
+        lengths = np.asarray(prompt_lengths)
+        if lengths.shape != (prompts.shape[0],) or not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(f"prompt_length must be integers of shape ({prompts.shape[0]},), "
+                             f"got {lengths.dtype}{list(lengths.shape)}")
+        if lengths.size and not (1 <= lengths.min() and lengths.max() <= width):
+            raise ValueError(f"prompt_length must lie in [1, {width}], got {prompt_lengths}")
+    return jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32)
+
+
+def check_prompt(lm: LanguageModel, prompt: Any, prompt_length: Any, max_new_tokens: int
+                 ) -> tuple[Array, Array]:
+    """One prompt [P] (vmap for several) and its real length (default P): `check_prompts`."""
+    shape = getattr(prompt, "shape", np.shape(prompt))
+    if len(shape) != 1:
+        raise ValueError(f"prompt must be a 1-D token array [P] (vmap for several prompts), "
+                         f"got shape {tuple(shape)}")
+    if prompt_length is None:
+        prompt_length = shape[0]
+    if not isinstance(prompt_length, jax.core.Tracer) and np.shape(prompt_length) != ():
+        raise ValueError(f"prompt_length must be a scalar, got {prompt_length}")
+    prompt = prompt if hasattr(prompt, "dtype") else np.asarray(prompt, np.int32)
+    prompts, lengths = check_prompts(lm, prompt[None], jnp.reshape(prompt_length, (1,))
+                                     if isinstance(prompt_length, jax.core.Tracer)
+                                     else np.reshape(np.asarray(prompt_length), (1,)),
+                                     max_new_tokens)
+    return prompts[0], lengths[0]
+
+
+# ----------------------------------------------------------------------------- the state
+def start(lm: LanguageModel, params: Any, prompts: Array, prompt_lengths: Array, *,
+          max_new_tokens: int, eos_id: int, copies: int = 1) -> SequenceState:
+    """Rows for prompts [B, P] with lengths [B]: each prompt prefilled once, then copied into
+    `copies` consecutive rows (N = B copies), nothing generated yet. A prompt with a token id
+    outside the vocabulary among its real tokens gets NaN log-probabilities (`check_prompts`)."""
+    cache, logprobs = lm.prefill(params, prompts, prompt_lengths)
+    real = jnp.arange(prompts.shape[1])[None, :] < prompt_lengths[:, None]
+    outside = jnp.any(real & ((prompts < 0) | (prompts >= lm.vocab_size)), axis=1)
+    logprobs = jnp.where(outside[:, None], jnp.nan, logprobs)
+    rows = prompts.shape[0] * copies
+    cache, logprobs, lengths = jax.tree_util.tree_map(
+        lambda x: jnp.repeat(x, copies, axis=0, total_repeat_length=rows),
+        (cache, logprobs, prompt_lengths))
+    zeros = jnp.zeros((rows, max_new_tokens), jnp.float32)
+    return SequenceState(
+        cache=cache, logprobs=logprobs.astype(jnp.float32),
+        tokens=jnp.full((rows, max_new_tokens), eos_id, jnp.int32),
+        length=jnp.zeros((rows,), jnp.int32), prompt_length=lengths.astype(jnp.int32),
+        done=jnp.zeros((rows,), bool), ended_with_eos=jnp.zeros((rows,), bool),
+        token_logp=zeros, token_logq=zeros, log_potential=jnp.zeros((rows,), jnp.float32))
+
+
+def token_logprob(state: SequenceState, tokens: Array) -> Array:
+    """[N] log p(tokens | each row's prefix)."""
+    return jnp.take_along_axis(state.logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+def append(lm: LanguageModel, params: Any, state: SequenceState, tokens: Array, logq: Array,
+           eos_id: int, live: Array | None = None) -> SequenceState:
+    """Append tokens [N] (with their proposal log q [N]) to the live rows (default: those not
+    done); the other rows are frozen: nothing is written to their cache, tokens or scores."""
+    n, max_new = state.tokens.shape
+    live = ~state.done if live is None else live
+    tokens = jnp.where(live, tokens, eos_id).astype(jnp.int32)
+    position = jnp.where(live, state.prompt_length + state.length, lm.max_len)
+    cache, next_logprobs = lm.decode(params, state.cache, tokens, position)
+    rows = jnp.arange(n)
+    slot = jnp.where(live, state.length, max_new)      # out of range: dropped for frozen rows
+    length = state.length + live.astype(jnp.int32)
+    is_eos = live & (tokens == eos_id)
+
+    def write(buffer: Array, values: Array) -> Array:
+        return buffer.at[rows, slot].set(values.astype(buffer.dtype), mode="drop")
+
+    return SequenceState(
+        cache=cache,
+        logprobs=jnp.where(live[:, None], next_logprobs.astype(jnp.float32), state.logprobs),
+        tokens=write(state.tokens, tokens), length=length, prompt_length=state.prompt_length,
+        done=state.done | is_eos | (live & (length >= max_new)),
+        ended_with_eos=state.ended_with_eos | is_eos,
+        token_logp=write(state.token_logp, token_logprob(state, tokens)),
+        token_logq=write(state.token_logq, logq), log_potential=state.log_potential)
+
+
+def draw_token(key: Array, state: SequenceState, logq_all: Array, eos_id: int,
+               forced_eos: bool = False) -> tuple[Array, Array, Array]:
+    """(tokens [N], log q [N], forced [N]): one draw per row from log q [N, V].
+
+    With `forced_eos`, a row about to take its T-th token gets EOS from a point mass
+    (log q = 0, `forced` True), so that every sequence ends with an EOS.
+    """
+    tokens = jax.random.categorical(key, logq_all, axis=-1).astype(jnp.int32)
+    logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
+    forced = jnp.zeros(tokens.shape, bool)
+    if forced_eos:
+        forced = state.length == state.tokens.shape[1] - 1
+        tokens = jnp.where(forced, eos_id, tokens)
+        logq = jnp.where(forced, 0.0, logq)
+    return tokens, logq, forced
+
+
+def categorical(key: Array, logq_all: Array) -> Array:
+    return jax.random.categorical(key, logq_all, axis=-1)
+
+
+def rollout(key: Array, lm: LanguageModel, params: Any, state: SequenceState,
+            proposal: Proposal, eos_id: int, *, limit: Any = None, teacher: Array | None = None,
+            cut: Array | None = None, sample: Sampler = categorical) -> SequenceState:
+    """Append tokens until every row has ended or holds `limit` tokens (default T; may be traced).
+
+    Token j of a row is ``teacher[row, j]`` while j < ``cut[row]`` (teacher forcing: scored
+    under the model and the proposal, not sampled), else ``sample(key, proposal(state))``.
+    One `lax.while_loop` that stops as soon as no row is live.
+    """
+    n, max_new = state.tokens.shape
+    limit = max_new if limit is None else limit
+    rows = jnp.arange(n)
+
+    def live(s: SequenceState) -> Array:
+        return ~s.done & (s.length < limit)
+
+    def cond(carry):
+        i, s = carry
+        return (i < max_new) & jnp.any(live(s))
+
+    def body(carry):
+        i, s = carry
+        logq_all = proposal(s)
+        tokens = sample(jax.random.fold_in(key, i), logq_all).astype(jnp.int32)
+        if teacher is not None:
+            forced = teacher[rows, jnp.minimum(s.length, max_new - 1)]
+            tokens = jnp.where(s.length < cut, forced, tokens)
+        logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
+        return i + 1, append(lm, params, s, tokens, logq, eos_id, live=live(s))
+
+    _, state = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), state))
+    return state
+
+
+def suffix_mh(key: Array, state: SequenceState,
+              regenerate: Callable[[Array, Array, Array], SequenceState],
+              log_target: Callable[[SequenceState], Array]) -> tuple[SequenceState, Array]:
+    """One MH step per row: cut i uniform in {0, ..., |y| - 1}, keep y_1:i, regenerate the rest
+    with ``regenerate(key, tokens, cut)``, accept with
+
+        log r = log_target(y') - log_target(y) + log q(y_i+1: | y_1:i) - log q(y'_i+1: | y_1:i)
+                + log |y| - log |y'|
+
+    (the last term corrects for the cut's probability 1/|y|). Returns (state, accepted [N]).
+    Rows of length 0 never move.
+    """
+    key_cut, key_regenerate, key_accept = jax.random.split(key, 3)
+    length = state.length
+    u = jax.random.uniform(key_cut, length.shape)
+    cut = jnp.clip((u * length).astype(jnp.int32), 0, jnp.maximum(length - 1, 0))
+    proposal = regenerate(key_regenerate, state.tokens, cut)
+    if state.cache is None:     # rows kept without their cache (results, MH chains)
+        proposal = without_cache(proposal)
+    suffix = jnp.arange(state.tokens.shape[1])[None, :] >= cut[:, None]
+
+    def suffix_logq(s: SequenceState) -> Array:
+        return jnp.sum(jnp.where(suffix, s.token_logq, 0.0), axis=-1)
+
+    def log_length(n: Array) -> Array:
+        return jnp.log(jnp.maximum(n, 1).astype(jnp.float32))
+
+    log_r = (log_target(proposal) - log_target(state) + suffix_logq(state) - suffix_logq(proposal)
+             + log_length(length) - log_length(proposal.length))
+    accept = (length > 0) & (jnp.log(jax.random.uniform(key_accept, log_r.shape)) < log_r)
+    moved = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(accept.reshape(accept.shape + (1,) * (new.ndim - 1)), new, old),
+        proposal, state)
+    return moved, accept
+
+
+# ----------------------------------------------------------------------------- results
+def without_cache(state: SequenceState) -> SequenceState:
+    """The state with its cache dropped: what results keep (the cache is N x max_len x layers)."""
+    return state._replace(cache=None)
+
+
+def draw(key: Array, result: Any) -> tuple[Array, Array]:
+    """One sequence of a weighted result (`smc.SMCResult` of SequenceState particles) drawn by
+    weight: (tokens [T], length), a sample of the target as N grows."""
+    index = jax.random.categorical(key, result.log_weights)
+    return result.particles.tokens[index], result.particles.length[index]

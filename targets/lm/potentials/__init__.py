@@ -1,0 +1,50 @@
+"""Potentials for reward-twisted SMC over token sequences (docs/algorithms.md sections 6 and 8).
+
+The contract follows genlm-control's (`Potential`, in full in ``base.py``): a potential scores
+one generated row ``tokens [T]`` of int32 ids with ``length`` tokens before the EOS, as
+``prefix(tokens, length) -> log psi`` for an unfinished prefix and
+``complete(tokens, length) -> log phi`` for a finished sequence (float scalars, ``-inf`` =
+forbidden, pure JAX, written for one sequence and ``vmap``ped by the SMC code); a hard constraint
+may add ``allowed(tokens, length, vocab_size, final) -> bool [vocab_size]``, the next tokens that
+keep it possible, for an exact masked proposal. A prefix potential may be ``-inf`` only when
+every extension is forbidden.
+
+- ``base.py``: `Potential`, `check_potential`, `check_allowed`.
+- ``combinators.py``: `product` (sum of log-potentials), `terminal` (a reward at the end only).
+- ``tokens.py``: pure-JAX potentials of the token ids: `banned_tokens`, `dfa_constraint`,
+  `length_potential`, `exact_answer`, `token_count`.
+- ``regex.py``: a regular expression over the decoded text compiled on the host to a DFA over
+  bytes (`regex_dfa`, `ByteDFA`), lifted to token ids (`lift_dfa`), as a `dfa_constraint`
+  (`regex_constraint`): exact and fully in JAX at run time.
+- ``text.py``: any Python function of the decoded text, run on the HOST through
+  ``jax.pure_callback`` (`text_reward`, `vader_sentiment`), and `text_decoder`.
+
+A vocabulary is given as ``token_bytes``, the UTF-8 bytes of every token id: `token_bytes_of`
+(from `targets.lm.tokenizer`) for a byte-level BPE GGUF tokenizer, any list of strings for a toy
+model.
+"""
+from targets.lm.potentials.base import Array, Potential, check_allowed, check_potential
+from targets.lm.potentials.combinators import product, terminal
+from targets.lm.potentials.regex import (
+    MAX_DFA_STATES,
+    ByteDFA,
+    lift_dfa,
+    regex_constraint,
+    regex_dfa,
+)
+from targets.lm.potentials.text import text_decoder, text_reward, vader_compound, vader_sentiment
+from targets.lm.potentials.tokens import (
+    banned_tokens,
+    dfa_constraint,
+    exact_answer,
+    length_potential,
+    token_count,
+)
+from targets.lm.tokenizer import token_bytes_of
+
+__all__ = [
+    "MAX_DFA_STATES", "Array", "ByteDFA", "Potential", "banned_tokens", "check_allowed",
+    "check_potential", "dfa_constraint", "exact_answer", "length_potential", "lift_dfa",
+    "product", "regex_constraint", "regex_dfa", "terminal", "text_decoder", "text_reward",
+    "token_bytes_of", "token_count", "vader_compound", "vader_sentiment",
+]

@@ -1,0 +1,69 @@
+"""The `LanguageModel` protocol: what every language-model algorithm may use of a model.
+
+The algorithms (`targets.lm.generate`, `power`, `twisted`, `mh_power`) see a model only through
+this protocol and the decoding layer built on it (`targets.lm.decoding`), so any model that has
+these members runs under all of them: the transformer of `targets.lm.llama` and the enumerable
+toy of `targets.toy.enumerable_lm` today.
+
+Every method is a pure function of its array arguments (it jits and vmaps); `params` is the
+model's parameter pytree, kept apart from the model object, which holds only static
+configuration. Shapes (B rows, P prompt positions, V = vocab_size, T = max_len):
+
+- ``init_cache(batch) -> cache``: an empty cache, a pytree whose every leaf has leading axis
+  ``batch`` (so that resampling is ``jax.tree.map(lambda x: x[ancestors], cache)``).
+- ``prefill(params, tokens [B, P] int32, lengths [B] int32) -> (cache, logprobs [B, V] float32)``:
+  runs right-padded prompts (``1 <= lengths <= P``) and returns the next-token log-probabilities
+  after each row's last real token. Cache entries past a row's length are never attended to.
+- ``decode(params, cache, tokens [B] int32, positions [B] int32) -> (cache, logprobs [B, V])``:
+  feeds one token per row at its own position and returns the distribution of the next one. A
+  position ``>= max_len`` writes nothing and its log-probabilities are to be ignored: that is
+  how finished rows are frozen.
+- ``vocab_size``: V. ``max_len``: the cache length T (prompt plus generated tokens).
+  ``eos_id`` / ``bos_id``: token ids or None when the model has none.
+
+Log-probabilities are normalised (``logsumexp = 0`` per row) and float32 whatever the
+parameters' dtype.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+
+Array = jax.Array
+Cache = Any
+Params = Any
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """A causal language model with a cache (see the module docstring for shapes)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_len(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int | None: ...
+
+    @property
+    def bos_id(self) -> int | None: ...
+
+    def init_cache(self, batch: int) -> Cache: ...
+
+    def prefill(self, params: Params, tokens: Array, lengths: Array) -> tuple[Cache, Array]: ...
+
+    def decode(self, params: Params, cache: Cache, tokens: Array, positions: Array
+               ) -> tuple[Cache, Array]: ...
+
+
+def check_language_model(lm: Any) -> None:
+    """TypeError naming what is missing unless `lm` has every member of `LanguageModel`."""
+    if isinstance(lm, LanguageModel):
+        return
+    members = ("vocab_size", "max_len", "eos_id", "bos_id", "init_cache", "prefill", "decode")
+    missing = [name for name in members if not hasattr(lm, name)]
+    raise TypeError(f"lm must implement targets.lm.protocol.LanguageModel; "
+                    f"{type(lm).__name__} lacks {', '.join(missing)}")
