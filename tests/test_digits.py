@@ -10,8 +10,8 @@ import pytest
 from flax import serialization
 
 import smc
-from experiments.digits import data as data_lib
-from experiments.digits import metrics, networks, train
+from experiments.suites.digits import data as data_lib
+from experiments.suites.digits import metrics, networks, train
 from targets.diffusion import fkc, sde
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_weighted_moments_are_consistent_for_importance_weights():
 
 @pytest.fixture(scope="module")
 def experiment():
-    from experiments.digits import experiment as module
+    from experiments.suites.digits import experiment as module
 
     return module
 
@@ -329,10 +329,10 @@ def test_digits_fkc_at_tiny_size(experiment, tmp_path):
 
 
 def test_digits_configs_reject_bad_values(experiment):
-    from experiments import config as config_lib
-    from experiments import registry
+    from experiments.harness import config as config_lib
+    from experiments.harness import registry
 
-    registry.load(["experiments.digits.experiment"])
+    registry.load(["experiments.suites.digits.experiment"])
     with pytest.raises(config_lib.ConfigError, match="guidance_weights"):
         config_lib.build(experiment.FKCConfig, {}, ["guidance_weights=1,x"])
     with pytest.raises(config_lib.ConfigError, match="alpha"):

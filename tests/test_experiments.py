@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from experiments import config as config_lib
-from experiments import registry, runner, store
 from experiments.__main__ import main
-from experiments.store import ResultStore, StoreError
+from experiments.harness import config as config_lib
+from experiments.harness import registry, runner, store
+from experiments.harness.store import ResultStore, StoreError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["num_steps=10"]  # the lgssm size every subprocess test shares (with the quick demo)
@@ -88,7 +88,7 @@ def test_store_survives_a_kill_during_the_write(tmp_path):
         s.append(record("a"))
     child = f"""
 import os, signal
-from experiments.store import ResultStore
+from experiments.harness.store import ResultStore
 s = ResultStore({str(path)!r})
 real = os.write
 def torn(fd, data):

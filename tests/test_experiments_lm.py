@@ -6,7 +6,7 @@ enumerable models (test_power.py, test_twisted.py, test_potentials_text.py)."""
 import jax
 import pytest
 
-from experiments import power_lm as E
+from experiments.suites import lm as E
 
 pytest.importorskip("gguf")
 from smollm2 import needs_model

@@ -1,13 +1,13 @@
 """Language-model SMC on SmolLM2-135M-Instruct: `power_smollm2` and `twisted_smollm2`.
 
-`power_smollm2` samples answers to short arithmetic and factual prompts (experiments/data/
+`power_smollm2` samples answers to short arithmetic and factual prompts (suites/data/
 prompts.jsonl, exact answers) with one method per config: plain sampling (``temp1``), low
 temperature 1/alpha (``low_temp``), the MH power sampler (``mh``) and Power-SMC (``power_smc``), all
 targeting (or approximating) p(y | x)^alpha. Metrics: accuracy (`check_answer`), the mean base-model
 log-likelihood per token, tokens generated and LM forward evaluations (the compute).
 
 `twisted_smollm2` steers generation with a text potential: VADER sentiment (``sentiment``, open
-prompts of experiments/data/open_prompts.jsonl) or a hard format constraint (``number_format``:
+prompts of suites/data/open_prompts.jsonl) or a hard format constraint (``number_format``:
 the whole answer is a number, on the arithmetic prompts). Methods at equal tokens generated (N
 sequences of at most T tokens per answer): reward-twisted SMC with N particles (one answer drawn by
 weight), best-of-N by reward, plain sampling (the first of the N). Metrics: reward, constraint
@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import timing
-from experiments.config import param
-from experiments.registry import Demo, Experiment, Plan, register
+from experiments.harness import timing
+from experiments.harness.config import param
+from experiments.harness.registry import Demo, Experiment, Plan, register
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 PROMPTS = DATA / "prompts.jsonl"
@@ -157,7 +157,8 @@ class PowerLMConfig:
     num_particles: int = param(8, "particles (Power-SMC), samples (temp1, low_temp) or chains "
                                "(mh) per prompt", low=1)
     max_new_tokens: int = param(24, "T: most generated tokens per answer", low=1, high=512)
-    num_prompts: int = param(16, "the first prompts of experiments/data/prompts.jsonl", low=1)
+    num_prompts: int = param(16, "the first prompts of experiments/suites/data/prompts.jsonl",
+                             low=1)
     prompt_batch: int = param(8, "prompts run together (vmap)", low=1)
     ramp_length: int = param(0, "Power-SMC exponent ramp 1 -> alpha over this many tokens",
                              low=0)
@@ -180,7 +181,6 @@ class Answers(NamedTuple):
 
 def _power_program(config: PowerLMConfig, width: int):
     """jitted (key, params, prompts [B, W], lengths [B]) -> Answers for config.method."""
-    from proposals.tokens import make_sampler
     from targets.lm.generate import generate
     from targets.lm.mh_power import mh_power
     from targets.lm.power import power_smc
@@ -191,12 +191,11 @@ def _power_program(config: PowerLMConfig, width: int):
 
     def sampled(key, params, prompts, lengths, temperature):
         B = prompts.shape[0]
-        out = generate(model, params, key, jnp.repeat(prompts, N, axis=0),
-                       jnp.repeat(lengths, N), max_new_tokens=T,
-                       sampler=make_sampler(temperature))
+        out = generate(key, model, params, jnp.repeat(prompts, N, axis=0),
+                       jnp.repeat(lengths, N), max_new_tokens=T, temperature=temperature)
         shape = lambda x: x.reshape(B, N, *x.shape[1:])
-        evals = B * N * jnp.max(out["length"])
-        return Answers(shape(out["tokens"]), shape(out["length"]), shape(out["logp"]),
+        evals = B * N * jnp.max(out.length)
+        return Answers(shape(out.tokens), shape(out.length), shape(out.logp),
                        jnp.full((B, N), 1.0 / N), evals)
 
     def smc(key, params, prompts, lengths):
@@ -206,13 +205,14 @@ def _power_program(config: PowerLMConfig, width: int):
             max_new_tokens=T, ramp_length=config.ramp_length,
             ess_threshold=config.ess_threshold))
         r = run(jax.random.split(key, B), prompts, lengths)
-        return Answers(r.tokens, r.length, r.logp, r.weights, B * N * jnp.max(r.num_steps))
+        s = r.particles
+        return Answers(s.tokens, s.length, s.logp, r.weights, B * N * jnp.max(r.num_steps))
 
     def mh(key, params, prompts, lengths):
         B = prompts.shape[0]
         run = jax.vmap(lambda k, p, n: mh_power(
             k, model, params, p, prompt_length=n, alpha=config.alpha, num_chains=N,
-            max_new_tokens=T, block_size=config.mh_block, mh_steps=config.mh_steps).state)
+            max_new_tokens=T, block_size=config.mh_block, mh_steps=config.mh_steps).particles)
         s = run(jax.random.split(key, B), prompts, lengths)
         limits = [min(L, T) for L in range(config.mh_block, T + config.mh_block, config.mh_block)]
         evals = B * N * (1 + config.mh_steps) * sum(limits)   # each pass re-decodes L_k tokens
@@ -297,9 +297,7 @@ def _task(config: TwistedLMConfig, tokenizer):
 
 @functools.lru_cache(maxsize=16)
 def _twisted_setup(config: TwistedLMConfig):
-    from proposals.tokens import make_sampler
     from targets.lm.generate import generate
-    from targets.lm.power import draw
     from targets.lm.twisted import twisted_smc
 
     base, _, tokenizer = smollm2()
@@ -313,21 +311,22 @@ def _twisted_setup(config: TwistedLMConfig):
             k_run, k_draw = jax.random.split(k)
             r = twisted_smc(k_run, model, params, p, potential, num_particles=N,
                             max_new_tokens=T, prompt_length=n)
-            tok, length = draw(k_draw, r)
-            i = jnp.argmax(jnp.all(r.tokens == tok, -1) & (r.length == length))
+            i = jax.random.categorical(k_draw, r.log_weights)     # one answer drawn by weight
+            s = r.particles
             # every weight -inf (no particle can satisfy a hard constraint): degenerate
-            return tok, length, r.logp[i], N * r.num_steps, jnp.isfinite(r.log_evidence)
+            return (s.tokens[i], s.length[i], s.logp[i], N * r.num_steps,
+                    jnp.isfinite(r.log_evidence))
         per_prompt = jax.vmap(one, in_axes=(0, None, None))
         return jax.vmap(per_prompt)(jax.random.split(key, (prompts.shape[0], S)), prompts,
                                     lengths)
 
     def samples(key, params, prompts, lengths):
         B = prompts.shape[0]
-        out = generate(model, params, key, jnp.repeat(prompts, S * N, axis=0),
-                       jnp.repeat(lengths, S * N), max_new_tokens=T, sampler=make_sampler(1.0))
+        out = generate(key, model, params, jnp.repeat(prompts, S * N, axis=0),
+                       jnp.repeat(lengths, S * N), max_new_tokens=T)
         shape = lambda x: x.reshape(B, S, N, *x.shape[1:])
-        return (shape(out["tokens"]), shape(out["length"]), shape(out["logp"]),
-                jnp.full((B, S), N * jnp.max(out["length"])), jnp.ones((B, S), bool))
+        return (shape(out.tokens), shape(out.length), shape(out.logp),
+                jnp.full((B, S), N * jnp.max(out.length)), jnp.ones((B, S), bool))
 
     program = timing.jit(twisted if config.method == "twisted" else samples)
     return prompts, tokens, lengths, program, reward, satisfied, tokenizer

@@ -1,6 +1,6 @@
 """Adaptive tempered SMC: ours (`smc.tempering.adaptive`) vs blackjax's `adaptive_tempered_smc`.
 
-    python -m experiments.bench_tempering [--sizes 1000 4000] [--replicates 30] [--out f.md]
+    python -m experiments bench tempering [--sizes 1000 4000] [--replicates 30] [--out f.md]
 
 Same problem for both: `targets.toy.gaussian.anisotropic(dim)` (standard normal prior, a tight,
 rotated, off-centre Gaussian-mixture likelihood), whose log Z is exact. Same algorithm settings:
@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import smc
-from experiments import markdown
+from experiments.harness import bench_cli, markdown
+from experiments.harness.registry import Benchmark, register
 from proposals import mcmc
 from targets.toy import gaussian
 
@@ -139,7 +140,8 @@ def bench(num_particles: int, replicates: int, problem: Problem, seed: int = 0) 
         ms, log_z, steps = (np.array(column, np.float64) for column in zip(*record))
         errors = np.abs(log_z - problem.exact_log_z)
         rows.append({
-            "target_ess": problem.target_ess, "N": num_particles, "library": name, "steps": float(steps.mean()),
+            "target_ess": problem.target_ess, "N": num_particles, "library": name,
+            "steps": float(steps.mean()),
             "ms": statistics.median(ms.tolist()),
             "abs_error": float(errors.mean()),
             "abs_error_se": float(errors.std(ddof=1) / np.sqrt(errors.size)) if errors.size > 1
@@ -162,37 +164,33 @@ def to_markdown(rows: list[dict]) -> str:
     return markdown.table(COLUMNS, cells, [True, True, False] + [True] * 5)
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
     parser.add_argument("--replicates", type=int, default=40)
     parser.add_argument("--dim", type=int, default=8)
     parser.add_argument("--step-size", type=float, default=0.1)
     parser.add_argument("--mcmc-steps", type=int, default=10)
     parser.add_argument("--target-ess", type=float, nargs="+", default=[0.5, 0.8])
-    parser.add_argument("--out", type=str, default=None, help="also write the Markdown table here")
-    return parser.parse_args(argv)
 
 
-def command(argv: list[str] | None) -> str:
-    return " ".join(["python -m experiments.bench_tempering", *argv])
-
-
-def main(argv: list[str] | None = None) -> str:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse(argv)
+def run(args: argparse.Namespace) -> str:
     problems = [Problem(args.dim, args.step_size, args.mcmc_steps, ess) for ess in args.target_ess]
     rows = [row for problem in problems for n in args.sizes
             for row in bench(n, args.replicates, problem)]
     caption = (
-        f"Adaptive tempered SMC, `{command(argv)}`: d = {args.dim} Gaussian prior x anisotropic "
+        f"Adaptive tempered SMC: d = {args.dim} Gaussian prior x anisotropic "
         f"Gaussian-mixture likelihood (exact log Z = {problems[0].exact_log_z:.3f}), "
         f"systematic resampling every step, {args.mcmc_steps} RWMH steps "
         f"(scale {args.step_size}) per SMC step; median wall time and mean |log Z_hat - log Z| "
         f"(± s.e.) and mean log Z_hat - log Z over {args.replicates} replicates "
         f"({jax.devices()[0].platform}).\n\n")
-    return markdown.emit(caption + to_markdown(rows), args.out)
+    return caption + to_markdown(rows)
 
+
+BENCHMARK = register(Benchmark(
+    "tempering", "adaptive tempered SMC: ours vs blackjax, time and log Z error",
+    add_options, run,
+    quick=["--sizes", "64", "--replicates", "2", "--dim", "3", "--target-ess", "0.5"]))
 
 if __name__ == "__main__":
-    main()
+    sys.exit(bench_cli.main(BENCHMARK))

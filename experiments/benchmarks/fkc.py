@@ -1,13 +1,13 @@
 """FKC overhead: FKC SMC over the bare reverse SDE with the same score, particles and steps.
 
-    python -m experiments.bench_fkc [--score toy|digits] [--sizes 256 1024 4096 16384]
+    python -m experiments bench fkc [--score toy|digits] [--sizes 256 1024 4096 16384]
                                     [--steps 100] [--beta 2] [--repeats 21] [--out f.md]
 
 Target: p^beta under the VP schedule (`sde.time_grid(steps)`) for one of two scores: `toy`, the
 exact noised score of `gmm.four_modes()` (2-D, analytic: about as cheap as a score gets, so the
 engine's fixed per-step work shows most), or `digits`, the shipped score network of
-`experiments.digits` (64-D Flax MLP, unconditional): the cost of a real model. FKC is `smc.run`
-on `fkc.anneal` (`bench_overhead.smc_run`: systematic resampling when ESS < threshold x N,
+`experiments.suites.digits` (64-D Flax MLP, unconditional): the cost of a real model. FKC is
+`smc.run` on `fkc.anneal` (`overhead.smc_run`: systematic resampling when ESS < threshold x N,
 thresholds 0.5 and 1.0 = always). The bare sampler is the reverse SDE that FKC's proposal is,
 Euler-Maruyama with the drift -f + beta g^2 s (`fkc.drift`, `proposals.sde.euler_maruyama`) in a
 `lax.scan`: no weights, no ESS, no log Z, no resampling.
@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import markdown
-from experiments.bench_overhead import _time, smc_run
+from experiments.benchmarks.overhead import smc_run, timed_call
+from experiments.harness import bench_cli, markdown
+from experiments.harness.registry import Benchmark, register
 from proposals import sde as sde_proposals
 from targets.diffusion import fkc, sde
 from targets.toy import gmm
@@ -72,7 +73,7 @@ def paired_times(calls: dict, keys: jax.Array) -> tuple[dict, dict]:
     names = list(calls)
     for r in range(1, len(keys)):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            ms, out = _time(calls[name], keys[r])
+            ms, out = timed_call(calls[name], keys[r])
             times[name].append(ms)
             outputs[name].append(out)
     return times, outputs
@@ -83,7 +84,7 @@ def score_model(name: str) -> tuple[sde.ScoreFn, int]:
     if name == "toy":
         return gmm.noised_score(gmm.four_modes(), VP), 2
     if name == "digits":
-        from experiments.digits import data, networks
+        from experiments.suites.digits import data, networks
         eps_net, eps_params, _, _ = networks.load()
         return networks.score(eps_net, eps_params, VP), data.DIM
     raise ValueError(f"unknown score {name!r}: use 'toy' or 'digits'")
@@ -119,35 +120,34 @@ def to_markdown(rows: list[dict]) -> str:
     return markdown.table(COLUMNS, cells, [False] + [True] * (len(COLUMNS) - 1))
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", choices=("toy", "digits"), nargs="+", default=["toy"],
                         help="toy: the 2-D mixture's exact score; digits: the score network")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--beta", type=float, default=2.0)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 1.0])
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--out", type=str, default=None, help="also write the Markdown table here")
-    return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> str:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse(argv)
+def run(args: argparse.Namespace) -> str:
     rows = [row for name in args.score for n in args.sizes
             for row in bench(n, args.steps, args.beta, args.thresholds, args.repeats,
                              score_name=name)]
-    command = " ".join(["python -m experiments.bench_fkc", *argv])
     caption = (
-        f"FKC overhead, `{command}`: FKC SMC (`fkc.anneal`, beta = {args.beta}; score `toy` = "
+        f"FKC overhead: FKC SMC (`fkc.anneal`, beta = {args.beta}; score `toy` = "
         f"the 4-mode 2-D mixture's exact score, `digits` = the 64-D digits score network; "
         f"systematic resampling when ESS < threshold x N) over the "
         f"bare reverse SDE (the same drift, score, N and steps; no weights, no resampling); "
         f"median ms over {args.repeats} repeats, ratio = median of the per-repeat ratios, and the "
         f"ratio of the fastest runs ({jax.devices()[0].platform}).\n\n")
-    return markdown.emit(caption + to_markdown(rows), args.out)
+    return caption + to_markdown(rows)
 
+
+BENCHMARK = register(Benchmark(
+    "fkc", "FKC overhead: FKC SMC over the bare reverse SDE (toy or digits score)",
+    add_options, run,
+    quick=["--sizes", "64", "--steps", "5", "--repeats", "1", "--thresholds", "1.0"],
+    repeats=21))
 
 if __name__ == "__main__":
-    main()
+    sys.exit(bench_cli.main(BENCHMARK))

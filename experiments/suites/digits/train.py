@@ -1,8 +1,8 @@
 """Train the digits noise predictor and classifier; write their weights and a manifest.
 
-The shipped weights in `experiments/digits/weights/` were made by exactly
+The shipped weights in `experiments/suites/digits/weights/` were made by exactly
 
-    python -m experiments.digits.train --what all
+    python -m experiments.suites.digits.train --what all
 
 (JAX on CPU; fixed seeds, fixed batch order; every random draw is a fold_in of the seed and the
 step number). `--steps N` overrides the number of steps of each network trained, `--out DIR`
@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.digits import data as data_lib
-from experiments.digits import networks
+from experiments.suites.digits import data as data_lib
+from experiments.suites.digits import networks
 from targets.diffusion import sde
 
 Array = jax.Array
@@ -272,7 +272,7 @@ def sha256(path: pathlib.Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.digits.train",
+    parser = argparse.ArgumentParser(prog="python -m experiments.suites.digits.train",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--what", choices=("score", "classifier", "all"), default="all")
     parser.add_argument("--steps", type=int, help="training steps of each network trained")
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     digits = data_lib.load()
     manifest_path = args.out / networks.MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    command = "python -m experiments.digits.train " + " ".join(sys.argv[1:] if argv is None
+    command = "python -m experiments.suites.digits.train " + " ".join(sys.argv[1:] if argv is None
                                                                  else argv)
     jobs = {"score": ScoreTraining(), "classifier": ClassifierTraining()}
     for what, config in jobs.items():

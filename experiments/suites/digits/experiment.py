@@ -1,5 +1,5 @@
 """Digits experiments: reward-guided sampling (`digits_reward`) and FKC guidance and products
-(`digits_fkc`) with the shipped score network and classifier (`experiments.digits.networks`).
+(`digits_fkc`) with the shipped score network and classifier (`experiments.suites.digits.networks`).
 
 digits_reward: target p(x0) exp(r(x0) / alpha), r(x0) = log p_clf(label | x0), from the
 unconditional score network, at an equal budget of score-network evaluations:
@@ -38,11 +38,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 import smc
-from experiments import timing
-from experiments.config import ConfigError, param
-from experiments.digits import data as data_lib
-from experiments.digits import metrics, networks
-from experiments.registry import Experiment, register
+from experiments.harness import timing
+from experiments.harness.config import ConfigError, param
+from experiments.harness.registry import Experiment, register
+from experiments.suites.digits import data as data_lib
+from experiments.suites.digits import metrics, networks
 from targets.diffusion import fkc, sde
 
 NUM_IMAGES = 16
@@ -188,8 +188,8 @@ def _fkc_program(config: FKCConfig, mesh: Mesh | None):
             weighted = smc.run(k, model, n, resampling=resampler,
                                ess_threshold=config.ess_threshold, mesh=mesh)
             plain = _run_unweighted(k, model, n)
-            out[name] = (weighted.particles, weighted.log_weights, weighted.nan_increments.sum(),
-                         plain.particles)
+            out[name] = (weighted.particles, weighted.log_weights,
+                         weighted.nonfinite_increments.sum(), plain.particles)
         out["joint"] = _run_unweighted(jax.random.fold_in(key, len(models)), joint, n).particles
         return out
 
@@ -291,7 +291,7 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
             result = smc.run(k, m, size, resampling=resampler,
                              ess_threshold=config.ess_threshold,
                              mesh=mesh if size == n else None)
-            out[name] = (result.particles.x, result.log_weights, result.nan_increments.sum())
+            out[name] = (result.particles.x, result.log_weights, result.nonfinite_increments.sum())
         out["guidance"] = _run_unweighted(k_smc, model, n).particles.x
         base_x = _run_unweighted(k_base, base, num_base).particles
         out["base"] = (base_x, r(base_x))

@@ -25,12 +25,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import Any, NamedTuple
 
-from experiments import config as config_lib
-from experiments import timing
-from experiments.registry import Experiment, Plan
-from experiments.store import ResultStore, point_id
+from experiments.harness import config as config_lib
+from experiments.harness import timing
+from experiments.harness.registry import Experiment, Plan
+from experiments.harness.store import ResultStore, point_id
 
 MAX_SEED = 2**32 - 1
+MAX_SEEDS = 100_000  # seeds one --seeds may name (each is a run)
 
 
 class Point(NamedTuple):
@@ -128,7 +129,7 @@ def environment() -> dict[str, Any]:
 
     devices = jax.devices()
     try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=5, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -244,31 +245,43 @@ def sweep(points: Sequence[Point], store: ResultStore | None,
             outcome.failures.append((point, error))
             on_fail(point, error)
             continue
-        if store is not None:
-            store.append(record)
+        if store is not None and not store.append(record):
+            outcome.skipped += 1  # already there: another record of this point was kept
+            continue
         outcome.records.append(record)
         on_done(point, record)
     return outcome
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0,1,2' or '0-9' or '0-4,10' -> seeds (ConfigError on anything else)."""
-    seeds: list[int] = []
+    """--seeds '0,1,2' or '0-9' or '0-4,10' -> seeds (ConfigError on anything else).
+
+    At most MAX_SEEDS per command, counted before any list is built: '0-99999999' is refused
+    at once instead of filling memory.
+    """
+    parts: list[tuple[int, int]] = []  # inclusive ranges
     for part in text.split(","):
         part = part.strip()
         try:
             if "-" in part[1:]:
-                low, high = part.split("-", 1)
-                seeds.extend(range(int(low), int(high) + 1))
+                low, high = (int(v) for v in part.split("-", 1))
             else:
-                seeds.append(int(part))
+                low = high = int(part)
         except ValueError:
             raise config_lib.ConfigError(f"seeds={text!r}: expected integers like 0,1,2 or a "
                                          f"range like 0-9") from None
-    for seed in seeds:
-        if not 0 <= seed <= MAX_SEED:
-            raise config_lib.ConfigError(f"seed={seed} is out of range: must be in [0, {MAX_SEED}]")
-    if not seeds:
-        raise config_lib.ConfigError("no seeds given")
+        for seed in (low, high):
+            if not 0 <= seed <= MAX_SEED:
+                raise config_lib.ConfigError(f"seed={seed} is out of range: must be in "
+                                             f"[0, {MAX_SEED}]")
+        if high < low:
+            raise config_lib.ConfigError(f"--seeds {text!r}: the range {part} is empty (write "
+                                         f"the lower seed first)")
+        parts.append((low, high))
+    count = sum(high - low + 1 for low, high in parts)
+    if count > MAX_SEEDS:
+        raise config_lib.ConfigError(
+            f"--seeds {text!r} names {count:,} seeds; at most {MAX_SEEDS:,} per command: split "
+            f"them over several commands (a sweep into the same --out file adds to it)")
+    seeds = (seed for low, high in parts for seed in range(low, high + 1))
     return list(dict.fromkeys(seeds))
-

@@ -12,9 +12,9 @@ import pathlib
 import time
 from collections.abc import Sequence
 
-from experiments import console, registry, report, runner
-from experiments.config import ConfigError
-from experiments.store import ResultStore
+from experiments.harness import console, registry, report, runner
+from experiments.harness.config import ConfigError
+from experiments.harness.store import ResultStore
 
 DEFAULT_OUT = pathlib.Path("results") / "demo"
 
@@ -40,11 +40,11 @@ def run(out_dir: str | None = None, quick: bool = False,
         DEFAULT_OUT.name + ("-quick" if quick else ""))
     results = out / "results.jsonl"
     plans = [(e, runner.expand_plan(e, e.demo.quick if quick else e.demo.full)) for e in chosen]
-    if not resume and results.is_file():
-        results.unlink()  # a fresh demo; --resume keeps (and skips) what is there
     term = console.out()
     failures = 0
-    with ResultStore(results) as store:
+    with ResultStore(results) as store:  # refused while another writer holds the file
+        if not resume:
+            store.clear()  # a fresh demo; --resume keeps (and skips) what is there
         total = sum(len(points) for _, points in plans)
         term.print(f"SMC demo: {', '.join(e.name for e in chosen)}; {total} runs"
                    f"{' (quick sizes)' if quick else ''}; results in {results}")

@@ -1,6 +1,6 @@
 """Resampling speed: ours (`smc.resampling`) vs `particles.resampling` vs `blackjax.smc.resampling`.
 
-    python -m experiments.bench_resampling [--sizes 10000 100000 1000000] [--repeats 7] [--out f.md]
+    python -m experiments bench resampling [--sizes 10000 100000 1000000] [--repeats 7] [--out f.md]
 
 Same log-weights for everyone (standard normal, so lognormal weights); `particles` and blackjax get
 the normalised weights they expect, computed outside the timing, while ours starts from the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -19,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import markdown
+from experiments.harness import bench_cli, markdown
+from experiments.harness.registry import Benchmark, register
 from smc import resampling as ours
 
 SCHEMES = ("systematic", "stratified", "multinomial", "residual", "ssp", "killing")
@@ -87,19 +89,21 @@ def to_markdown(rows: list[dict]) -> str:
                           [False] + [True] * 4)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=str, default=None, help="also write the Markdown table here")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> str:
     rows = [bench(s, n, args.repeats) for s in args.schemes for n in args.sizes]
     header = f"Resampling, median ms over {args.repeats} repeats ({jax.devices()[0].platform}).\n\n"
-    markdown.emit(header + to_markdown(rows), args.out)
-    return rows
+    return header + to_markdown(rows)
 
+
+BENCHMARK = register(Benchmark(
+    "resampling", "resampling speed: ours vs particles vs blackjax, every scheme",
+    add_options, run, quick=["--sizes", "1000", "--schemes", "systematic", "--repeats", "1"],
+    repeats=7))
 
 if __name__ == "__main__":
-    main()
+    sys.exit(bench_cli.main(BENCHMARK))

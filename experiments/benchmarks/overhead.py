@@ -1,6 +1,6 @@
 """SMC overhead: a full `smc.run` over bare propagation of the same particles with the same model.
 
-    python -m experiments.bench_overhead [--particles 4096] [--steps 100] [--dim 32] [--out f.md]
+    python -m experiments bench overhead [--particles 4096] [--steps 100] [--dim 32] [--out f.md]
 
 Model: the bootstrap filter of a linear-Gaussian state-space model (`targets.toy.lgssm`) with a
 d-dimensional state, a dense transition F = 0.95 x (a random rotation), Q = 0.1 I, and k = d / 8
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import smc
-from experiments import markdown
+from experiments.harness import bench_cli, markdown
+from experiments.harness.registry import Benchmark, register
 from targets.toy import lgssm
 
 COLUMNS = ("model", "N", "T", "ess_threshold", "resampled steps", "bare ms", "SMC ms",
@@ -79,7 +80,8 @@ def smc_run(model: smc.FeynmanKac, num_particles: int, ess_threshold: float):
     return run
 
 
-def _time(fn, key) -> tuple[float, object]:
+def timed_call(fn, key) -> tuple[float, object]:
+    """(ms, output) of one blocking call."""
     start = time.perf_counter()
     out = jax.block_until_ready(fn(key))
     return 1e3 * (time.perf_counter() - start), out
@@ -100,7 +102,7 @@ def bench(num_particles: int, num_steps: int, dim: int, thresholds: list[float],
     names = list(calls)
     for r in range(1, repeats + 1):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
-            ms, out = _time(calls[name], keys[r])
+            ms, out = timed_call(calls[name], keys[r])
             times[name].append(ms)
             if name != "bare":
                 resampled[name].append(int(out[2]))
@@ -126,28 +128,27 @@ def to_markdown(rows: list[dict]) -> str:
     return markdown.table(COLUMNS, cells, [False] + [True] * 8)
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--particles", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 1.0])
-    parser.add_argument("--repeats", type=int, default=31)
-    parser.add_argument("--out", type=str, default=None, help="also write the Markdown table here")
-    return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> str:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse(argv)
+def run(args: argparse.Namespace) -> str:
     rows = bench(args.particles, args.steps, args.dim, args.thresholds, args.repeats)
-    command = " ".join(["python -m experiments.bench_overhead", *argv])
     caption = (
-        f"SMC overhead, `{command}`: `smc.run` (systematic resampling when ESS < threshold x N) "
+        f"SMC overhead: `smc.run` (systematic resampling when ESS < threshold x N) "
         f"over bare propagation (the same `model.step` in a `lax.scan`, no weights); median "
-        f"ms over {args.repeats} repeats, ratio = median of the per-repeat ratios, and the ratio of the fastest runs ({jax.devices()[0].platform}).\n\n")
-    return markdown.emit(caption + to_markdown(rows), args.out)
+        f"ms over {args.repeats} repeats, ratio = median of the per-repeat ratios, and the "
+        f"ratio of the fastest runs ({jax.devices()[0].platform}).\n\n")
+    return caption + to_markdown(rows)
 
+
+BENCHMARK = register(Benchmark(
+    "overhead", "SMC overhead: smc.run over bare propagation of the same LGSSM particles",
+    add_options, run,
+    quick=["--particles", "64", "--steps", "5", "--dim", "8", "--repeats", "1"], repeats=31))
 
 if __name__ == "__main__":
-    main()
+    sys.exit(bench_cli.main(BENCHMARK))

@@ -10,7 +10,8 @@ unconditional, class-, thickness- and jointly conditional scores (classifier-fre
 r(x0) = log softmax(logits(x0))[c], the reward of `digits_reward`; `features` feed the Frechet
 distance.
 
-Weights live in `weights/` (msgpack, `flax.serialization`), written by `experiments.digits.train`.
+Weights live in `weights/` (msgpack, `flax.serialization`), written by
+`experiments.suites.digits.train`.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import serialization
 
-from experiments.digits.data import DIM, NUM_CLASSES
+from experiments.suites.digits.data import DIM, NUM_CLASSES
 from targets.diffusion import sde
 
 Array = jax.Array
@@ -150,7 +151,7 @@ def load_params(net: nn.Module, path: pathlib.Path) -> Params:
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: train it with "
-                                f"`python -m experiments.digits.train --out {path.parent}`")
+                                f"`python -m experiments.suites.digits.train --out {path.parent}`")
     template = jax.eval_shape(functools.partial(_init, net), jax.random.PRNGKey(0))
     try:
         params = serialization.from_bytes(template, path.read_bytes())

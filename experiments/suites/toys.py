@@ -15,15 +15,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import smc
-from experiments import timing
-from experiments.config import param
-from experiments.registry import Demo, Experiment, Plan, register
+from experiments.harness import report, timing
+from experiments.harness.config import param
+from experiments.harness.registry import Demo, Experiment, Plan, register
 from proposals import mcmc
 from targets.toy import gaussian, lgssm
 
 SCHEMES = lambda: sorted(smc.resampling.SCHEMES)
 KERNELS = {"rwmh": mcmc.rwmh, "mala": mcmc.mala}
 MAX_TRACE = 1000  # traces longer than this are left out of the metrics
+MAX_ESS_LINES = 8  # ESS traces drawn in one plot (more are unreadable; the title says so)
 
 
 def _evidence_metrics(log_z: float, exact: float) -> dict[str, Any]:
@@ -176,6 +177,13 @@ def _first_seed_per_config(records: list[dict], metric: str) -> dict[str, dict]:
     return firsts
 
 
+def _label(record: dict, keys: list[str]) -> str:
+    """The legend label of a configuration: its values of the keys that vary between records."""
+    config = record["config"]
+    return report.series_label({k: config.get(k) for k in keys}) or \
+        f"N={config.get('num_particles')}"
+
+
 def _save(fig, path) -> list:
     import matplotlib.pyplot as plt
 
@@ -192,11 +200,11 @@ def plot_schedules(records: list[dict], out_dir) -> list:
     firsts = _first_seed_per_config(records, "exponents")
     if not firsts:
         return []
+    keys = report.varying_keys(list(firsts.values()))
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for record in sorted(firsts.values(), key=lambda r: r["config"].get("num_particles", 0)):
         exps = record["metrics"]["exponents"]
-        ax.plot(range(len(exps)), exps, marker="o", ms=3,
-                label=f"N={record['config'].get('num_particles')}")
+        ax.plot(range(len(exps)), exps, marker="o", ms=3, label=_label(record, keys))
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("tempering step t")
     ax.set_ylabel("exponent $\\lambda_t$")
@@ -212,15 +220,16 @@ def plot_ess(records: list[dict], out_dir) -> list:
     firsts = _first_seed_per_config(records, "ess_trace")
     if not firsts:
         return []
+    keys = report.varying_keys(list(firsts.values()))
+    shown = list(firsts.values())[:MAX_ESS_LINES]
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for record in list(firsts.values())[:8]:
-        config = record["config"]
-        ax.plot(record["metrics"]["ess_trace"], lw=1,
-                label=f"N={config.get('num_particles')} {config.get('resampling', '')}")
+    for record in shown:
+        ax.plot(record["metrics"]["ess_trace"], lw=1, label=_label(record, keys))
     ax.set_xlabel("time step t")
     ax.set_ylabel("ESS / N")
     ax.set_ylim(0, 1.05)
-    ax.set_title("bootstrap filter: ESS over time (first seed)")
+    left_out = f"; {len(shown)} of {len(firsts)} configs" if len(shown) < len(firsts) else ""
+    ax.set_title(f"bootstrap filter: ESS over time (first seed{left_out})")
     ax.legend(fontsize=7)
     return _save(fig, out_dir / "lgssm_ess.png")
 

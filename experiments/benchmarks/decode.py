@@ -1,6 +1,6 @@
 """Decode speed on SmolLM2-135M: our JAX Llama against Hugging Face transformers (torch, fp32).
 
-    python -m experiments.bench_decode [--batches 1 16 64] [--new-tokens 64] [--repeats 5]
+    python -m experiments bench decode [--batches 1 16 64] [--new-tokens 64] [--repeats 5]
         [--threads 2] [--out f.md]
 
 Both frameworks load the same GGUF, take the same chat prompt (repeated over the batch rows, so no
@@ -30,7 +30,8 @@ import sys
 import tempfile
 import time
 
-from experiments import markdown
+from experiments.harness import bench_cli, markdown
+from experiments.harness.registry import Benchmark, register
 
 FRAMEWORKS = ("ours", "transformers")
 MESSAGES = [{"role": "user", "content": "Name three colours and say why you like them."}]
@@ -88,7 +89,6 @@ def _ours(new_tokens: int, scan_layers: bool):
     import jax.numpy as jnp
     import numpy as np
 
-    from proposals.tokens import make_sampler
     from targets.lm.generate import make_generate
     from targets.lm.llama import load_llama
     from targets.lm.tokenizer import GGUFTokenizer
@@ -97,7 +97,7 @@ def _ours(new_tokens: int, scan_layers: bool):
     # a KV cache just long enough: decode attends over all of it
     model, params = load_llama(max_len=len(prompt) + new_tokens, scan_layers=scan_layers)
     prefill = jax.jit(model.prefill)
-    programs = {k: make_generate(model, max_new_tokens=k, sampler=make_sampler(0.0), eos_id=-1)
+    programs = {k: make_generate(model, max_new_tokens=k, temperature=0.0, eos_id=-1)
                 for k in (1, new_tokens)}
 
     def inputs(batch):
@@ -107,8 +107,8 @@ def _ours(new_tokens: int, scan_layers: bool):
         return jax.block_until_ready(prefill(params, *inputs(batch)))
 
     def run_generate(batch, k):
-        out = jax.block_until_ready(programs[k](params, jax.random.key(0), *inputs(batch)))
-        return np.asarray(out["tokens"][0]).tolist()
+        out = jax.block_until_ready(programs[k](jax.random.key(0), params, *inputs(batch)))
+        return np.asarray(out.tokens[0]).tolist()
 
     return prompt, model.kv_bytes_per_token(), run_prefill, run_generate
 
@@ -201,7 +201,7 @@ class Worker:
         self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
         env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "experiments.bench_decode", "--worker", framework,
+            [sys.executable, "-m", "experiments.benchmarks.decode", "--worker", framework,
              "--new-tokens", str(new_tokens), "--threads", str(threads)]
             + (["--scan-layers"] if scan_layers else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
@@ -279,27 +279,26 @@ def to_markdown(rows: list[dict]) -> str:
     return markdown.table(COLUMNS, cells, [True] * len(COLUMNS))
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="cores/threads per framework")
     parser.add_argument("--scan-layers", action="store_true",
                         help="ours with the layer loop as a lax.scan (quick compile, slower)")
     parser.add_argument("--in-process", action="store_true",
                         help="no worker processes (smoke test: peak RSS is then shared)")
-    parser.add_argument("--out", type=str, default=None, help="also write the Markdown table here")
-    parser.add_argument("--worker", choices=FRAMEWORKS, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> str:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse(argv)
-    if args.worker:
-        worker(args.worker, args.new_tokens, args.threads, args.scan_layers)
-        return ""
+def worker_main(argv: list[str]) -> None:
+    """A `Worker` process: `--worker FRAMEWORK` and the benchmark's own options."""
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    parser.add_argument("--worker", choices=FRAMEWORKS, required=True)
+    args = parser.parse_args(argv)
+    worker(args.worker, args.new_tokens, args.threads, args.scan_layers)
+
+
+def run(args: argparse.Namespace) -> str:
     result = bench(args.batches, args.new_tokens, args.repeats, args.threads, args.scan_layers,
                    args.in_process)
     rows = summarise(result, args.new_tokens)
@@ -307,9 +306,8 @@ def main(argv: list[str] | None = None) -> str:
     eos = 2  # SmolLM2's <|im_end|>; greedy continuations compared up to it
     same = all(_until_eos(r["ours"]["tokens"], eos) == _until_eos(r["transformers"]["tokens"], eos)
                for r in rows)
-    command = " ".join(["python -m experiments.bench_decode", *argv])
     caption = (
-        f"Decode speed, `{command}`: SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32), a "
+        f"Decode speed: SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32), a "
         f"{facts['ours']['prompt_tokens']}-token chat prompt, {args.new_tokens} new tokens per "
         f"row, greedy, no early stop; ours = JAX (`targets.lm`), transformers = torch fp32 "
         f"`generate`, each in its own process on {args.threads} core(s). tok/s = batch x (n - 1) / "
@@ -318,8 +316,17 @@ def main(argv: list[str] | None = None) -> str:
         f"that batch. KV cache per particle-token: ours {facts['ours']['kv_bytes']} B, "
         f"transformers {facts['transformers']['kv_bytes']} B (layers x 2 x kv_heads x head_dim x "
         f"4 B). Greedy tokens of row 0 identical in both: {'yes' if same else 'NO'}.\n\n")
-    return markdown.emit(caption + to_markdown(rows), args.out)
+    return caption + to_markdown(rows)
 
+
+BENCHMARK = register(Benchmark(
+    "decode", "decode speed on SmolLM2: our JAX Llama vs transformers (torch fp32)",
+    add_options, run,
+    quick=["--batches", "1", "2", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
+           "--scan-layers", "--in-process"], repeats=5))
 
 if __name__ == "__main__":
-    main()
+    if "--worker" in sys.argv:  # a `Worker` process of a run
+        worker_main(sys.argv[1:])
+    else:
+        sys.exit(bench_cli.main(BENCHMARK))

@@ -31,9 +31,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 import smc
-from experiments import timing
-from experiments.config import param
-from experiments.registry import Demo, Experiment, Plan, register
+from experiments.harness import timing
+from experiments.harness.config import param
+from experiments.harness.registry import Demo, Experiment, Plan, register
 from targets.diffusion import psi, reward, sde
 from targets.toy import das, distance, gmm
 
@@ -120,7 +120,7 @@ def _program(toy_name: str, config: DASConfig, mesh: Mesh | None):
         floor = sw(gmm.sample(key_floor, toy.target, outputs), None)
         ess = 1.0 / (n * jnp.sum(w**2))
         return (w @ rewards, sw(x, w), floor, ess, result.log_evidence,
-                jnp.sum(result.resampled), jnp.sum(result.nan_increments))
+                jnp.sum(result.resampled), jnp.sum(result.nonfinite_increments))
 
     return timing.jit(program), toy, _cost(config, times)
 
@@ -133,7 +133,7 @@ def _run(toy_name: str, config: DASConfig, key: jax.Array, mesh: Mesh | None = N
         "reward_error": float(mean_reward) - toy.mean_reward,
         "sw": float(sw), "sw_floor": float(floor), "ess_final": float(ess),
         "score_evals": evals, "score_vjps": vjps, "num_resampled": int(resampled),
-        "nan_increments": int(nans)}
+        "nonfinite_increments": int(nans)}
     if config.method == "reward_smc":
         out.update(log_evidence=float(log_z), exact_log_evidence=toy.log_z,
                    error=float(log_z) - toy.log_z)

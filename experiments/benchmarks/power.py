@@ -1,7 +1,7 @@
 """Power-SMC latency on SmolLM2-135M: over plain batched sampling of the same N sequences, and the
 MH power sampler, for the same prompts in one run.
 
-    python -m experiments.bench_power [--prompts 4] [--particles 16] [--tokens 32] [--alpha 4]
+    python -m experiments bench power [--prompts 4] [--particles 16] [--tokens 32] [--alpha 4]
         [--mh-block 8] [--mh-steps 2] [--repeats 5] [--out f.md]
 
 Every method runs one prompt per call (prompts padded to one width, so one compilation), N
@@ -24,8 +24,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments import markdown
-from experiments.power_lm import PROMPTS, encode_prompts, load_prompts, sized_model, smollm2
+from experiments.harness import bench_cli, markdown
+from experiments.harness.registry import Benchmark, register
+from experiments.suites.lm import PROMPTS, encode_prompts, load_prompts, sized_model, smollm2
 
 COLUMNS = ("method", "prompts x N", "T", "decode steps", "median ms", "ms / step",
            "time / plain", "(ms / step) / plain")
@@ -33,26 +34,24 @@ COLUMNS = ("method", "prompts x N", "T", "decode steps", "median ms", "ms / step
 
 def programs(model, N: int, T: int, alpha: float, mh_block: int, mh_steps: int) -> dict:
     """name -> jitted (key, params, prompt [W], length) -> (decode steps taken, outputs...)."""
-    from proposals.tokens import make_sampler
     from targets.lm.generate import generate
     from targets.lm.mh_power import mh_power
     from targets.lm.power import power_smc
 
     def plain(key, params, prompt, length):
-        out = generate(model, params, key, jnp.broadcast_to(prompt, (N,) + prompt.shape),
-                       jnp.full((N,), length), max_new_tokens=T,
-                       sampler=make_sampler(1.0 / alpha))
-        return jnp.max(out["length"]), out["tokens"]
+        out = generate(key, model, params, jnp.broadcast_to(prompt, (N,) + prompt.shape),
+                       jnp.full((N,), length), max_new_tokens=T, temperature=1.0 / alpha)
+        return jnp.max(out.length), out.tokens
 
     def smc(key, params, prompt, length):
         r = power_smc(key, model, params, prompt, prompt_length=length, alpha=alpha,
                       num_particles=N, max_new_tokens=T)
-        return r.num_steps, r.tokens, r.log_weights
+        return r.num_steps, r.particles.tokens, r.log_weights
 
     def mh(key, params, prompt, length):
         s = mh_power(key, model, params, prompt, prompt_length=length, alpha=alpha,
                      num_chains=N, max_new_tokens=T, block_size=mh_block,
-                     mh_steps=mh_steps).state
+                     mh_steps=mh_steps).particles
         limits = [min(L, T) for L in range(mh_block, T + mh_block, mh_block)]
         return jnp.asarray((1 + mh_steps) * sum(limits)), s.tokens
 
@@ -110,34 +109,33 @@ def to_markdown(rows: list[dict]) -> str:
     return markdown.table(COLUMNS, cells, [False] + [True] * 7)
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=4, help="the first prompts of the set")
     parser.add_argument("--particles", type=int, default=16, help="N sequences per prompt")
     parser.add_argument("--tokens", type=int, default=32, help="T, most new tokens")
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--mh-block", type=int, default=8)
     parser.add_argument("--mh-steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=None,
                         help="only methods whose name starts so (plain, Power, MH)")
-    parser.add_argument("--out", type=str, default=None, help="also write the Markdown table here")
-    return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> str:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse(argv)
+def run(args: argparse.Namespace) -> str:
     rows = bench(args.prompts, args.particles, args.tokens, args.alpha, args.mh_block,
                  args.mh_steps, args.repeats, args.methods)
-    command = " ".join(["python -m experiments.bench_power", *argv])
     caption = (
-        f"Power-SMC latency on SmolLM2-135M-Instruct, `{command}`: alpha = {args.alpha}, "
+        f"Power-SMC latency on SmolLM2-135M-Instruct: alpha = {args.alpha}, "
         f"one call per prompt (N sequences); median ms over {args.repeats} repeats; ratios = "
         f"median of per-repeat ratios to plain batched sampling of the same N sequences at "
         f"temperature 1/alpha ({jax.devices()[0].platform}).\n\n")
-    return markdown.emit(caption + to_markdown(rows), args.out)
+    return caption + to_markdown(rows)
 
+
+BENCHMARK = register(Benchmark(
+    "power", "Power-SMC latency on SmolLM2 against plain sampling and the MH power sampler",
+    add_options, run,
+    quick=["--prompts", "1", "--particles", "2", "--tokens", "2", "--mh-block", "1",
+           "--mh-steps", "1", "--repeats", "1"], repeats=5))
 
 if __name__ == "__main__":
-    main()
+    sys.exit(bench_cli.main(BENCHMARK))

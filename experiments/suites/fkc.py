@@ -1,8 +1,8 @@
 """FKC experiments on 2-D Gaussian mixtures with exact answers: `fkc_anneal`, `fkc_product`,
-`fkc_cfg` (Feynman-Kac Correctors, targets/diffusion/fkc.py; reference.md section 2).
+`fkc_cfg` (Feynman-Kac Correctors, targets/diffusion/fkc.py; docs/algorithms.md section 2).
 
 Each runs FKC SMC with the exact noised scores of `targets.toy.gmm` (VP schedule, Euler-Maruyama
-on `sde.time_grid(num_steps)`) and, with `corrected=false`, the baseline of reference.md section 7:
+on `sde.time_grid(num_steps)`) and, with `corrected=false`, the baseline of docs/algorithms.md section 7:
 the same drift with the weights ignored (no resampling). Both evaluate every expert's score
 N x num_steps times (`score_evals`): equal compute, the weights cost no score evaluation.
 
@@ -25,7 +25,7 @@ separate pool of 65536): what a perfect sampler of N equally weighted points wou
   the normalised p_{t_0} up to the means' alpha_{t_0} = 0.0066 scaling, so log Z_hat estimates
   this difference up to Euler's discretisation bias, O(1/num_steps) and large when sum beta > 1
   (for a Gaussian annealed to beta = 3: +5.0, +1.0, +0.23 nats at 100, 400, 1600 steps).
-- ess_final (ESS / N of the weights used; 1 without weights), num_resampled, nan_increments,
+- ess_final (ESS / N of the weights used; 1 without weights), num_resampled, nonfinite_increments,
   degenerate, particles_sample (256 points drawn by weight, for the scatter plots).
 """
 from __future__ import annotations
@@ -42,9 +42,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 import smc
-from experiments import timing
-from experiments.config import param
-from experiments.registry import Demo, Experiment, Plan, register
+from experiments.harness import timing
+from experiments.harness.config import param
+from experiments.harness.registry import Demo, Experiment, Plan, register
 from targets.diffusion import fkc, sde
 from targets.toy import distance, gmm
 
@@ -175,7 +175,7 @@ def sampler(model: smc.FeynmanKac, num_particles: int, corrected: bool, ess_thre
         weights = result.weights if corrected else uniform
         ess = 1.0 / (num_particles * jnp.sum(weights**2))
         return (result.particles, weights, result.log_evidence, ess,
-                jnp.sum(result.resampled), jnp.sum(result.nan_increments), result.degenerate)
+                jnp.sum(result.resampled), jnp.sum(result.nonfinite_increments), result.degenerate)
 
     return timing.jit(program)
 
@@ -195,7 +195,7 @@ def run_problem(program: timing.jit, problem: Problem, exact: Exact, key: jax.Ar
     if corrected:
         out.update(log_evidence=float(log_z), exact_log_evidence=exact.log_evidence,
                    error=float(log_z) - exact.log_evidence)
-    out.update(ess_final=float(ess), num_resampled=int(resampled), nan_increments=int(nans),
+    out.update(ess_final=float(ess), num_resampled=int(resampled), nonfinite_increments=int(nans),
                degenerate=bool(degenerate), score_evals=score_evals)
     return out
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich import box
 from rich.console import Console
@@ -24,7 +24,10 @@ from rich.progress import (
 )
 from rich.table import Table as RichTable
 
-from experiments.report import Stat, Table
+from experiments.harness.report import Stat, Table
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def _console(stream: TextIO) -> Console:
@@ -54,7 +57,7 @@ class SweepProgress:
         self._task = None
         self._started = time.perf_counter()
 
-    def __enter__(self) -> SweepProgress:
+    def __enter__(self) -> Self:
         if self.live:
             self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False),
                                  BarColumn(),

@@ -1,3 +1,0 @@
-"""A real image benchmark on scikit-learn's 8x8 digits: data, a small score network and a
-classifier trained by our own script (`python -m experiments.digits.train`), and the experiments
-`digits_reward` and `digits_fkc` (`experiments.digits.experiment`)."""
