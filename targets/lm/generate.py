@@ -35,11 +35,11 @@ def generate(key, lm, params, prompts, prompt_lengths, *, max_new_tokens: int,
     eos = decoding.resolve_eos(lm, eos_id)
     state = decoding.start(lm, params, prompts, prompt_lengths, max_new_tokens=T, eos_id=eos)
     if temperature == 0.0:
-        def greedy(s: SequenceState):
-            best = jnp.argmax(s.logprobs, axis=-1)
-            return jnp.where(jnp.arange(s.logprobs.shape[-1]) == best[:, None], 0.0, -jnp.inf)
-        state = decoding.rollout(key, lm, params, state, greedy, eos,
-                                 sample=lambda key, logq: jnp.argmax(logq, axis=-1))
+        # the argmax of log p; its proposal is a point mass, so log q = 0 (set once at the end
+        # rather than building a one-hot [N, V] table at every step)
+        state = decoding.rollout(key, lm, params, state, lambda s: s.logprobs, eos,
+                                 sample=lambda key, logp: jnp.argmax(logp, axis=-1))
+        state = state._replace(token_logq=jnp.zeros_like(state.token_logq))
     else:
         state = decoding.rollout(
             key, lm, params, state,
