@@ -123,9 +123,7 @@ def check_prompt(lm: LanguageModel, prompt: Any, prompt_length: Any, max_new_tok
     if not isinstance(prompt_length, jax.core.Tracer) and np.shape(prompt_length) != ():
         raise ValueError(f"prompt_length must be a scalar, got {prompt_length}")
     prompt = prompt if hasattr(prompt, "dtype") else np.asarray(prompt, np.int32)
-    prompts, lengths = check_prompts(lm, prompt[None], jnp.reshape(prompt_length, (1,))
-                                     if isinstance(prompt_length, jax.core.Tracer)
-                                     else np.reshape(np.asarray(prompt_length), (1,)),
+    prompts, lengths = check_prompts(lm, prompt[None], jnp.reshape(prompt_length, (1,)),
                                      max_new_tokens)
     return prompts[0], lengths[0]
 
