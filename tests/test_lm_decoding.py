@@ -12,6 +12,7 @@ from targets.lm.protocol import LanguageModel, check_language_model
 from targets.toy.enumerable_lm import EnumerableLM
 
 LM = EnumerableLM(n_tokens=3, max_new=4)
+EOS_IDS = LM.eos_ids
 T = LM.max_new
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ALGORITHMS = ("generate", "power", "twisted", "mh_power")
@@ -23,12 +24,12 @@ def params():
 
 
 def test_models_satisfy_the_protocol():
-    from targets.lm.gguf_loader import LlamaConfig
-    from targets.lm.llama import Llama
-    config = LlamaConfig(vocab_size=11, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=16,
-                         rope_base=1e4, norm_eps=1e-5, context_length=32, head_dim=4,
-                         tie_embeddings=True)
-    for model in (LM, Llama(config, max_len=16, eos_id=1)):
+    from targets.lm.config import TransformerConfig
+    from targets.lm.transformer import Transformer
+    config = TransformerConfig(architecture="llama", vocab_size=11, dim=8, n_layers=1, n_heads=2,
+                               n_kv_heads=1, head_dim=4, ffn_dim=16, norm_eps=1e-5,
+                               context_length=32)
+    for model in (LM, Transformer(config, max_len=16, eos_ids=(1,))):
         assert isinstance(model, LanguageModel)
         check_language_model(model)
 
@@ -45,13 +46,13 @@ def test_an_object_without_the_protocol_is_refused_by_name():
 def start(params, copies=3):
     prompt = jnp.array([[LM.bos_id]], jnp.int32)
     return decoding.start(LM, params, prompt, jnp.array([1], jnp.int32), max_new_tokens=T,
-                          eos_id=LM.eos_id, copies=copies)
+                          eos_ids=EOS_IDS, copies=copies)
 
 
 def test_append_writes_live_rows_and_freezes_the_others(params):
     s = start(params)
-    tokens = jnp.array([0, LM.eos_id, 2], jnp.int32)
-    s1 = decoding.append(LM, params, s, tokens, jnp.zeros(3), LM.eos_id)
+    tokens = jnp.array([0, LM.eos_ids[0], 2], jnp.int32)
+    s1 = decoding.append(LM, params, s, tokens, jnp.zeros(3), EOS_IDS)
     assert np.asarray(s1.length).tolist() == [1, 1, 1]
     assert np.asarray(s1.done).tolist() == [False, True, False]
     assert np.asarray(s1.ended_with_eos).tolist() == [False, True, False]
@@ -59,16 +60,16 @@ def test_append_writes_live_rows_and_freezes_the_others(params):
     np.testing.assert_allclose(np.asarray(s1.token_logp[:, 0]), expected)
     # the ended row is frozen: its next token is ignored, nothing is written or scored
     s2 = decoding.append(LM, params, s1, jnp.array([1, 1, 1], jnp.int32), jnp.zeros(3),
-                         LM.eos_id)
+                         EOS_IDS)
     assert np.asarray(s2.length).tolist() == [2, 1, 2]
-    assert int(s2.tokens[1, 1]) == LM.eos_id and float(s2.token_logp[1, 1]) == 0.0
+    assert int(s2.tokens[1, 1]) == LM.eos_ids[0] and float(s2.token_logp[1, 1]) == 0.0
     np.testing.assert_array_equal(np.asarray(s2.logprobs[1]), np.asarray(s1.logprobs[1]))
 
 
 def test_rows_end_at_max_new_tokens(params):
     s = start(params, copies=2)
     for _ in range(T):
-        s = decoding.append(LM, params, s, jnp.array([0, 0], jnp.int32), jnp.zeros(2), LM.eos_id)
+        s = decoding.append(LM, params, s, jnp.array([0, 0], jnp.int32), jnp.zeros(2), EOS_IDS)
     assert np.asarray(s.done).all() and not np.asarray(s.ended_with_eos).any()
     assert np.asarray(s.length).tolist() == [T, T]
 
@@ -78,7 +79,7 @@ def test_rollout_teacher_forces_then_samples_and_respects_the_limit(params):
     teacher = jnp.array([[0, 1, 2, 0]] * 4, jnp.int32)
     cut = jnp.array([0, 1, 2, 3], jnp.int32)
     out = decoding.rollout(jax.random.PRNGKey(0), LM, params, s, lambda st: st.logprobs,
-                           LM.eos_id, limit=3, teacher=teacher, cut=cut)
+                           EOS_IDS, limit=3, teacher=teacher, cut=cut)
     tokens, length = np.asarray(out.tokens), np.asarray(out.length)
     for row in range(4):
         kept = min(int(cut[row]), 3)
@@ -86,7 +87,7 @@ def test_rollout_teacher_forces_then_samples_and_respects_the_limit(params):
         assert length[row] <= 3 and (length[row] == 3 or out.ended_with_eos[row])
     # scores of the teacher-forced tokens are the model's
     full = decoding.rollout(jax.random.PRNGKey(1), LM, params, start(params, 1),
-                            lambda st: st.logprobs, LM.eos_id, teacher=teacher[:1],
+                            lambda st: st.logprobs, EOS_IDS, teacher=teacher[:1],
                             cut=jnp.array([T], jnp.int32))
     np.testing.assert_allclose(float(full.logp[0]),
                                LM.sequence_logprob(params, (0, 1, 2, 0)), atol=1e-5)

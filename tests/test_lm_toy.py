@@ -34,7 +34,7 @@ def test_generate_frequencies_match_enumeration(key):
         np.testing.assert_allclose(out.logp[i], lp[index[got[i]]], atol=1e-5)
     np.testing.assert_allclose(out.token_logq.sum(-1), out.logp, atol=1e-5)  # q = p at temperature 1
     assert np.array_equal(np.asarray(out.ended_with_eos),
-                          np.array([s[-1] == lm.eos_id for s in got]))
+                          np.array([s[-1] == lm.eos_ids[0] for s in got]))
 
 
 def test_greedy_generation_is_deterministic_and_stops_at_eos(key):
@@ -52,8 +52,8 @@ def test_greedy_generation_is_deterministic_and_stops_at_eos(key):
     for j in range(lm.max_new):
         prev = int(np.argmax(table[j, prev]))
         path.append(prev)
-        if prev == lm.eos_id:
+        if prev == lm.eos_ids[0]:
             break
     n = int(a.length[0])
     assert list(np.asarray(a.tokens[0, :n])) == path
-    assert np.all(np.asarray(a.tokens[0, n:]) == lm.eos_id)
+    assert np.all(np.asarray(a.tokens[0, n:]) == lm.eos_ids[0])

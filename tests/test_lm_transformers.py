@@ -38,11 +38,9 @@ def hf():
 
 @pytest.fixture(scope="module")
 def ours():
-    from targets.lm.llama import load_llama
-    from targets.lm.tokenizer import GGUFTokenizer
+    from targets.lm.load import load
     # lax.scan over layers: quick to compile; test_lm_llama checks it equals the unrolled loop
-    model, params = load_llama(GGUF_PATH, max_len=MAX_LEN, scan_layers=True)
-    return model, params, GGUFTokenizer.from_gguf(GGUF_PATH)
+    return load(GGUF_PATH, max_len=MAX_LEN, scan_layers=True)
 
 
 def _hf_ids(tokenizer, text):

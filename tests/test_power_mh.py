@@ -56,7 +56,7 @@ def test_mh_step_leaves_power_distribution_invariant(params, sampler, moves):
     seqs, pi, _ = exact_target(params)
     rng = np.random.default_rng(0)
     draws = rng.choice(len(seqs), size=C, p=pi)
-    tokens = np.full((C, T), LM.eos_id)
+    tokens = np.full((C, T), LM.eos_ids[0])
     length = np.array([len(seqs[i]) for i in draws])
     for c, i in enumerate(draws):
         tokens[c, :len(seqs[i])] = seqs[i]

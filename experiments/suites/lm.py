@@ -95,16 +95,11 @@ def check_answer(text: str, prompt: Prompt) -> bool:
 def smollm2():
     """(model, params, tokenizer) of SmolLM2-135M-Instruct, loaded once per process.
 
-    The file is read once for both (`load_llama` and `GGUFTokenizer.from_gguf` would each parse
-    its metadata, ~7 s). ``model.max_len`` is a placeholder: see `sized_model`.
+    The file is parsed once for both (`gguf_loader.open_gguf` keeps the reader of a file, and
+    `Tokenizer.from_gguf` reuses it). ``model.max_len`` is a placeholder: see `sized_model`.
     """
-    from targets.lm.gguf_loader import load_llama_numpy
-    from targets.lm.llama import Llama, cast_params
-    from targets.lm.tokenizer import GGUFTokenizer
-    config, params, meta = load_llama_numpy()
-    tokenizer = GGUFTokenizer(meta)
-    model = Llama(config, max_len=64, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    return model, cast_params(params), tokenizer
+    from targets.lm.load import load
+    return load(max_len=64)
 
 
 def encode_prompts(tokenizer, prompts: list[Prompt]) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +129,7 @@ def decode_rows(tokenizer, tokens, length, eos: np.ndarray | None = None) -> lis
     flat_t, flat_n = tokens.reshape(-1, tokens.shape[-1]), length.reshape(-1)
     out = []
     for t, n in zip(flat_t, flat_n):
-        body = [int(x) for x in t[:n] if int(x) != tokenizer.eos_id]
+        body = [int(x) for x in t[:n] if int(x) not in tokenizer.eos_ids]
         out.append(tokenizer.decode(body, skip_special=True))
     return out
 

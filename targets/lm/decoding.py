@@ -7,9 +7,11 @@ that produced it (``token_logq``), and a log-potential slot that twisted SMC fil
 particle type of every LM algorithm: its leaves all have the row axis first, so the SMC engine
 resamples it (cache included) with one gather.
 
-A row *ends* at its first EOS or once it holds T = ``max_new_tokens`` tokens; an ended row is
-frozen: it is fed at position ``max_len``, which writes nothing to its cache, and its token
-slots stay EOS. The few functions below are all the algorithms need:
+A row *ends* at its first EOS (any of the ids ``eos_ids``: a model may have several, e.g.
+``<|im_end|>`` and ``<|endoftext|>``) or once it holds T = ``max_new_tokens`` tokens; an ended row
+is frozen: it is fed at position ``max_len``, which writes nothing to its cache, and its token
+slots hold the *fill* token, the first of ``eos_ids``. The few functions below are all the
+algorithms need:
 
 - `start`: prefill each prompt once and copy its cache into its rows;
 - `append`: add one token to the live rows;
@@ -22,6 +24,7 @@ allows, ``-inf`` elsewhere): algorithms keep only their own proposal and weight.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smc.validation import static_int
+from smc.validation import check_count, static_int
 from targets.lm.protocol import LanguageModel, check_language_model
 
 Array = jax.Array
@@ -42,7 +45,7 @@ class SequenceState(NamedTuple):
 
     cache: Any               # the model's cache (None once dropped from a result)
     logprobs: Array          # [N, V] float32 log p(. | prompt, tokens so far)
-    tokens: Array            # [N, T] int32 generated tokens, EOS past the length
+    tokens: Array            # [N, T] int32 generated tokens, the fill EOS past the length
     length: Array            # [N] int32 generated tokens, the EOS included
     prompt_length: Array     # [N] int32 real prompt tokens (token j sits at prompt_length + j)
     done: Array              # [N] bool: ended (EOS, or T tokens)
@@ -63,12 +66,45 @@ class SequenceState(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- checks
-def resolve_eos(lm: LanguageModel, eos_id: int | None) -> int:
-    """The EOS id to stop at: `eos_id` if given (-1 matches no token), else the model's."""
-    eos = lm.eos_id if eos_id is None else eos_id
-    if eos is None:
-        raise ValueError("the model has no eos_id; pass eos_id")
-    return static_int("eos_id", eos, -1)
+def resolve_eos(lm: LanguageModel, eos_ids: Any = None, forced_eos: bool = False
+                ) -> tuple[int, ...]:
+    """The static tuple of token ids that end a row: `eos_ids` if given, else the model's.
+
+    `eos_ids` is an int or a sequence of ints, each in [0, vocab_size); duplicates are dropped
+    (order kept). Every id ends a row; the first is the fill token written past a row's end and
+    the token `forced_eos` forces. ``-1`` alone means that no token ends a row (every row runs
+    ``max_new_tokens``); the result is then ``(-1,)``. ValueError naming ``eos_ids`` otherwise,
+    or when it is None and the model has none, or ``-1`` with `forced_eos` (nothing to force).
+    """
+    if eos_ids is None:
+        eos_ids = lm.eos_ids
+        if len(eos_ids) == 0:
+            raise ValueError("the model has no EOS token (its eos_ids is empty); pass eos_ids "
+                             "(-1: no token ends a row)")
+    if isinstance(eos_ids, (numbers.Integral, np.integer)) and not isinstance(eos_ids, bool):
+        eos_ids = (eos_ids,)
+    if isinstance(eos_ids, (str, bytes)) or not hasattr(eos_ids, "__iter__"):
+        raise ValueError(f"eos_ids must be an int or a sequence of ints, got "
+                         f"{type(eos_ids).__name__} {eos_ids!r}")
+    ids = tuple(eos_ids)
+    if not ids:
+        raise ValueError("eos_ids is empty: name at least one token id (-1: no token ends a row)")
+    ids = tuple(dict.fromkeys(check_count(f"eos_ids[{k}]", i, -1) for k, i in enumerate(ids)))
+    if ids == (-1,):
+        if forced_eos:
+            raise ValueError("forced_eos needs an EOS token to force, but eos_ids=-1 says no "
+                             "token ends a row")
+        return ids
+    outside = [i for i in ids if not 0 <= i < lm.vocab_size]
+    if outside:
+        raise ValueError(f"eos_ids must lie in [0, vocab_size = {lm.vocab_size}) (or be -1 alone: "
+                         f"no token ends a row), got {outside} in {eos_ids!r}")
+    return ids
+
+
+def is_eos(tokens: Array, eos_ids: tuple[int, ...]) -> Array:
+    """Bool of the shape of `tokens`: which of them end a row (any of the static `eos_ids`)."""
+    return jnp.isin(tokens, np.asarray(eos_ids, np.int32))
 
 
 def check_prompts(lm: LanguageModel, prompts: Any, prompt_lengths: Any, max_new_tokens: int
@@ -130,7 +166,7 @@ def check_prompt(lm: LanguageModel, prompt: Any, prompt_length: Any, max_new_tok
 
 # ----------------------------------------------------------------------------- the state
 def start(lm: LanguageModel, params: Any, prompts: Array, prompt_lengths: Array, *,
-          max_new_tokens: int, eos_id: int, copies: int = 1) -> SequenceState:
+          max_new_tokens: int, eos_ids: tuple[int, ...], copies: int = 1) -> SequenceState:
     """Rows for prompts [B, P] with lengths [B]: each prompt prefilled once, then copied into
     `copies` consecutive rows (N = B copies), nothing generated yet. A prompt with a token id
     outside the vocabulary among its real tokens gets NaN log-probabilities (`check_prompts`)."""
@@ -145,7 +181,7 @@ def start(lm: LanguageModel, params: Any, prompts: Array, prompt_lengths: Array,
     zeros = jnp.zeros((rows, max_new_tokens), jnp.float32)
     return SequenceState(
         cache=cache, logprobs=logprobs.astype(jnp.float32),
-        tokens=jnp.full((rows, max_new_tokens), eos_id, jnp.int32),
+        tokens=jnp.full((rows, max_new_tokens), eos_ids[0], jnp.int32),
         length=jnp.zeros((rows,), jnp.int32), prompt_length=lengths.astype(jnp.int32),
         done=jnp.zeros((rows,), bool), ended_with_eos=jnp.zeros((rows,), bool),
         token_logp=zeros, token_logq=zeros, log_potential=jnp.zeros((rows,), jnp.float32))
@@ -157,18 +193,19 @@ def token_logprob(state: SequenceState, tokens: Array) -> Array:
 
 
 def append(lm: LanguageModel, params: Any, state: SequenceState, tokens: Array, logq: Array,
-           eos_id: int, live: Array | None = None) -> SequenceState:
+           eos_ids: tuple[int, ...], live: Array | None = None) -> SequenceState:
     """Append tokens [N] (with their proposal log q [N]) to the live rows (default: those not
-    done); the other rows are frozen: nothing is written to their cache, tokens or scores."""
+    done); the other rows are frozen: nothing is written to their cache, tokens or scores. A live
+    row whose token is any of `eos_ids` ends with it."""
     n, max_new = state.tokens.shape
     live = ~state.done if live is None else live
-    tokens = jnp.where(live, tokens, eos_id).astype(jnp.int32)
+    tokens = jnp.where(live, tokens, eos_ids[0]).astype(jnp.int32)
     position = jnp.where(live, state.prompt_length + state.length, lm.max_len)
     cache, next_logprobs = lm.decode(params, state.cache, tokens, position)
     rows = jnp.arange(n)
     slot = jnp.where(live, state.length, max_new)      # out of range: dropped for frozen rows
     length = state.length + live.astype(jnp.int32)
-    is_eos = live & (tokens == eos_id)
+    ends_with_eos = live & is_eos(tokens, eos_ids)
 
     def write(buffer: Array, values: Array) -> Array:
         return buffer.at[rows, slot].set(values.astype(buffer.dtype), mode="drop")
@@ -177,25 +214,25 @@ def append(lm: LanguageModel, params: Any, state: SequenceState, tokens: Array, 
         cache=cache,
         logprobs=jnp.where(live[:, None], next_logprobs.astype(jnp.float32), state.logprobs),
         tokens=write(state.tokens, tokens), length=length, prompt_length=state.prompt_length,
-        done=state.done | is_eos | (live & (length >= max_new)),
-        ended_with_eos=state.ended_with_eos | is_eos,
+        done=state.done | ends_with_eos | (live & (length >= max_new)),
+        ended_with_eos=state.ended_with_eos | ends_with_eos,
         token_logp=write(state.token_logp, token_logprob(state, tokens)),
         token_logq=write(state.token_logq, logq), log_potential=state.log_potential)
 
 
-def draw_token(key: Array, state: SequenceState, logq_all: Array, eos_id: int,
+def draw_token(key: Array, state: SequenceState, logq_all: Array, eos_ids: tuple[int, ...],
                forced_eos: bool = False) -> tuple[Array, Array, Array]:
     """(tokens [N], log q [N], forced [N]): one draw per row from log q [N, V].
 
-    With `forced_eos`, a row about to take its T-th token gets EOS from a point mass
-    (log q = 0, `forced` True), so that every sequence ends with an EOS.
+    With `forced_eos`, a row about to take its T-th token gets the first of `eos_ids` from a
+    point mass (log q = 0, `forced` True), so that every sequence ends with an EOS.
     """
     tokens = jax.random.categorical(key, logq_all, axis=-1).astype(jnp.int32)
     logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
     forced = jnp.zeros(tokens.shape, bool)
     if forced_eos:
         forced = state.length == state.tokens.shape[1] - 1
-        tokens = jnp.where(forced, eos_id, tokens)
+        tokens = jnp.where(forced, eos_ids[0], tokens)
         logq = jnp.where(forced, 0.0, logq)
     return tokens, logq, forced
 
@@ -205,8 +242,9 @@ def categorical(key: Array, logq_all: Array) -> Array:
 
 
 def rollout(key: Array, lm: LanguageModel, params: Any, state: SequenceState,
-            proposal: Proposal, eos_id: int, *, limit: Any = None, teacher: Array | None = None,
-            cut: Array | None = None, sample: Sampler = categorical) -> SequenceState:
+            proposal: Proposal, eos_ids: tuple[int, ...], *, limit: Any = None,
+            teacher: Array | None = None, cut: Array | None = None,
+            sample: Sampler = categorical) -> SequenceState:
     """Append tokens until every row has ended or holds `limit` tokens (default T; may be traced).
 
     Token j of a row is ``teacher[row, j]`` while j < ``cut[row]`` (teacher forcing: scored
@@ -232,7 +270,7 @@ def rollout(key: Array, lm: LanguageModel, params: Any, state: SequenceState,
             forced = teacher[rows, jnp.minimum(s.length, max_new - 1)]
             tokens = jnp.where(s.length < cut, forced, tokens)
         logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
-        return i + 1, append(lm, params, s, tokens, logq, eos_id, live=live(s))
+        return i + 1, append(lm, params, s, tokens, logq, eos_ids, live=live(s))
 
     _, state = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), state))
     return state

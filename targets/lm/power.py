@@ -53,6 +53,8 @@ cache with the ancestors.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
@@ -77,13 +79,16 @@ def exponent_schedule(alpha: float, ramp_length: int):
 def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt_length=None,
                 ramp_length: int = 0, forced_eos: bool = False,
                 proposal_alpha: float | None = None, top_k: int | None = None,
-                top_p: float | None = None, eos_id: int | None = None) -> smc.FeynmanKac:
+                top_p: float | None = None, eos_ids: int | Sequence[int] | None = None
+                ) -> smc.FeynmanKac:
     """The Feynman-Kac model of Power-SMC for one prompt (module docstring: target and weights).
 
     ``lm`` is a `targets.lm.protocol.LanguageModel`; ``prompt`` a 1-D token array, right-padded
     to a width with ``prompt_length`` real tokens (may be traced, so that ``jax.vmap`` runs
     several prompts). ``alpha > 0`` is static. ``ramp_length = 0``: no bridging.
-    ``proposal_alpha``: a fixed proposal exponent instead of a_t.
+    ``proposal_alpha``: a fixed proposal exponent instead of a_t. ``eos_ids``: the tokens that end
+    a sequence, any of them (default the model's; the first is the forced one; see
+    `decoding.resolve_eos`).
     """
     alpha = static_positive("alpha", alpha)
     T = static_int("max_new_tokens", max_new_tokens, 1)
@@ -97,7 +102,7 @@ def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt
         if top_p > 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     prompt, prompt_length = decoding.check_prompt(lm, prompt, prompt_length, T)
-    eos = decoding.resolve_eos(lm, eos_id)
+    eos = decoding.resolve_eos(lm, eos_ids, forced_eos)
     exponent = exponent_schedule(alpha, ramp_length)
     # q_t = p^{a_t} / C_t exactly: the token-independent log C_t form of the weight applies.
     exact_form = proposal_alpha is None and top_k is None and top_p is None
@@ -105,7 +110,7 @@ def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt
     def init(key, n):
         del key
         state = decoding.start(lm, params, prompt[None], prompt_length[None], max_new_tokens=T,
-                               eos_id=eos, copies=n)
+                               eos_ids=eos, copies=n)
         return state, jnp.zeros((n,), jnp.float32)
 
     def step(key, state: SequenceState, t):
@@ -137,7 +142,7 @@ def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt
 def power_smc(key, lm, params, prompt, *, alpha: float, num_particles: int, max_new_tokens: int,
               prompt_length=None, ramp_length: int = 0, forced_eos: bool = False,
               proposal_alpha: float | None = None, top_k: int | None = None,
-              top_p: float | None = None, eos_id: int | None = None,
+              top_p: float | None = None, eos_ids: int | Sequence[int] | None = None,
               resampling=smc.resampling.systematic, ess_threshold: float = 0.5) -> smc.SMCResult:
     """Run Power-SMC for one prompt: an `smc.SMCResult` whose particles are the weighted
     sequences (`decoding.SequenceState` without the cache; `decoding.draw` picks one).
@@ -148,6 +153,6 @@ def power_smc(key, lm, params, prompt, *, alpha: float, num_particles: int, max_
     model = power_model(lm, params, prompt, alpha=alpha, max_new_tokens=max_new_tokens,
                         prompt_length=prompt_length, ramp_length=ramp_length,
                         forced_eos=forced_eos, proposal_alpha=proposal_alpha, top_k=top_k,
-                        top_p=top_p, eos_id=eos_id)
+                        top_p=top_p, eos_ids=eos_ids)
     result = smc.run(key, model, num_particles, resampling=resampling, ess_threshold=ess_threshold)
     return result._replace(particles=decoding.without_cache(result.particles))

@@ -2,7 +2,7 @@
 
 The algorithms (`targets.lm.generate`, `power`, `twisted`, `mh_power`) see a model only through
 this protocol and the decoding layer built on it (`targets.lm.decoding`), so any model that has
-these members runs under all of them: the transformer of `targets.lm.llama` and the enumerable
+these members runs under all of them: the transformer of `targets.lm.transformer` and the enumerable
 toy of `targets.toy.enumerable_lm` today.
 
 Every method is a pure function of its array arguments (it jits and vmaps); `params` is the
@@ -19,7 +19,10 @@ configuration. Shapes (B rows, P prompt positions, V = vocab_size, T = max_len):
   position ``>= max_len`` writes nothing and its log-probabilities are to be ignored: that is
   how finished rows are frozen.
 - ``vocab_size``: V. ``max_len``: the cache length T (prompt plus generated tokens).
-  ``eos_id`` / ``bos_id``: token ids or None when the model has none.
+- ``eos_ids``: a tuple of the token ids that end a sequence, every one of them (a model may have
+  several, e.g. ``<|im_end|>`` and ``<|endoftext|>``); ``()`` when it has none. The first is the
+  one written past a row's end and forced by ``forced_eos`` (`targets.lm.decoding.resolve_eos`).
+- ``bos_id``: a token id, or None when the model has none.
 
 Log-probabilities are normalised (``logsumexp = 0`` per row) and float32 whatever the
 parameters' dtype.
@@ -46,7 +49,7 @@ class LanguageModel(Protocol):
     def max_len(self) -> int: ...
 
     @property
-    def eos_id(self) -> int | None: ...
+    def eos_ids(self) -> tuple[int, ...]: ...
 
     @property
     def bos_id(self) -> int | None: ...
@@ -63,7 +66,7 @@ def check_language_model(lm: Any) -> None:
     """TypeError naming what is missing unless `lm` has every member of `LanguageModel`."""
     if isinstance(lm, LanguageModel):
         return
-    members = ("vocab_size", "max_len", "eos_id", "bos_id", "init_cache", "prefill", "decode")
+    members = ("vocab_size", "max_len", "eos_ids", "bos_id", "init_cache", "prefill", "decode")
     missing = [name for name in members if not hasattr(lm, name)]
     raise TypeError(f"lm must implement targets.lm.protocol.LanguageModel; "
                     f"{type(lm).__name__} lacks {', '.join(missing)}")

@@ -35,7 +35,7 @@ constraint that knows which next tokens keep the sequence possible: `potentials.
 with the same weight formula (log q is the masked, renormalised one; a pure hard constraint at
 tau = 1 gives log G = log sum_{v allowed} p(v)). A token is allowed when ``allowed`` says so for
 ``prefix`` or, if the sequence ends right after it (cut at T, or forced EOS next), for
-``complete``; the EOS when ``complete`` of the current body is finite. Masked-out tokens carry
+``complete``; every EOS id when ``complete`` of the current body is finite. Masked-out tokens carry
 zero target mass, so the target and Z are unchanged, while no particle is lost to the constraint;
 a row with no allowed token gets weight -inf (never NaN). The same masked q is used by the
 resample-move regeneration (its MH ratio uses the recorded log q).
@@ -71,10 +71,12 @@ Unfinished particles all have exactly L < T tokens at that point, so y' lies in 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import logsumexp
 
 import smc
@@ -101,14 +103,16 @@ class TwistedComponents(NamedTuple):
 def twisted_components(lm, params, prompt, potential: Potential, *, max_new_tokens: int,
                        block_size: int = 1, temperature: float = 1.0, rejuvenate: bool = False,
                        forced_eos: bool = False, lookahead: int = 0, prompt_length=None,
-                       eos_id: int | None = None, mask_proposal: bool = True
+                       eos_ids: int | Sequence[int] | None = None, mask_proposal: bool = True
                        ) -> TwistedComponents:
     """Build reward-twisted SMC for one prompt; every argument is checked before generation.
 
     ``temperature`` tau: the proposal p^{1/tau} (the weight corrects for it). ``rejuvenate``: one
     MH suffix-regeneration step per particle after each resampling. ``lookahead`` K > 0: the
     twist is estimated by K rollouts from p (module docstring). ``mask_proposal``: propose only
-    allowed tokens when the potential has ``allowed`` (exact; no effect otherwise).
+    allowed tokens when the potential has ``allowed`` (exact; no effect otherwise). ``eos_ids``:
+    the tokens that end a sequence, any of them (default the model's; the first is the forced one;
+    see `decoding.resolve_eos`).
     """
     T = static_int("max_new_tokens", max_new_tokens, 1)
     B = static_int("block_size", block_size, 1)
@@ -117,7 +121,7 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     if K and (rejuvenate or forced_eos):
         raise ValueError("lookahead is not combined with rejuvenate or forced_eos")
     prompt, prompt_length = decoding.check_prompt(lm, prompt, prompt_length, T)
-    eos = decoding.resolve_eos(lm, eos_id)
+    eos = decoding.resolve_eos(lm, eos_ids, forced_eos)
     check_potential(potential, T)
     masked = static_bool("mask_proposal", mask_proposal) and potential.allowed is not None
     if masked:
@@ -128,7 +132,7 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
 
     def start(n: int) -> SequenceState:
         return decoding.start(lm, params, prompt[None], prompt_length[None], max_new_tokens=T,
-                              eos_id=eos, copies=n)
+                              eos_ids=eos, copies=n)
 
     def proposal_and_allowed(s: SequenceState) -> tuple[Array, Array]:
         """(log q [N, V], some token allowed [N]) for each row's next token; q ~ p^{1/tau}
@@ -140,7 +144,10 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
         vocab = s.logprobs.shape[-1]
         allow = jax.vmap(lambda tok, m, f: potential.allowed(tok, m, vocab, f))(
             s.tokens, s.body_length, final)
-        allow = allow.at[:, eos].set(jnp.isfinite(complete_fn(s.tokens, s.body_length)))
+        if eos != (-1,):
+            # each EOS id ends the body here: allowed when complete(body) is finite
+            ends_ok = jnp.isfinite(complete_fn(s.tokens, s.body_length))
+            allow = allow.at[:, np.asarray(eos)].set(ends_ok[:, None])
         some = jnp.any(allow, axis=-1)
         # no allowed token: sample unmasked (the caller kills the row), never a 0/0 = NaN
         allow = allow | ~some[:, None]

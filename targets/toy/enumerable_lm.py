@@ -1,15 +1,16 @@
 """An enumerable language model: a random position-dependent Markov chain over a few tokens.
 
-Same interface as :class:`targets.lm.llama.Llama` (``init_cache``, ``prefill``, ``decode``,
-``max_len``, ``eos_id``, ``bos_id``, ``vocab_size``), so SMC code paths written for the real model
+It implements `targets.lm.protocol.LanguageModel` (``init_cache``, ``prefill``, ``decode``,
+``max_len``, ``eos_ids``, ``bos_id``, ``vocab_size``), so SMC code paths written for a real model
 run on it unchanged, while every sequence probability is known exactly by enumeration.
 
-Vocabulary: tokens ``0..K-1`` are ordinary, ``K`` is EOS, ``K+1`` is BOS (never generated).
-The prompt is normally ``[BOS]``. The j-th generated token (j = 0, 1, ...) is drawn from
-``softmax(table[min(j, L-1), previous token])`` where the previous token of j = 0 is the last
-prompt token. A sequence ``y`` ends with its first EOS or is cut after ``L`` tokens; the enumerated
-support is every such ``y`` and ``p(y)`` is the product of its token probabilities (no EOS factor
-for a cut sequence), so the probabilities sum to one.
+Vocabulary: tokens ``0..K-1`` are ordinary, ``K..K+E-1`` are the E EOS tokens (``n_eos``, one by
+default; each ends a sequence, as a chat model's ``<|im_end|>`` and ``<|endoftext|>`` both do),
+``K+E`` is BOS (never generated). The prompt is normally ``[BOS]``. The j-th generated token
+(j = 0, 1, ...) is drawn from ``softmax(table[min(j, L-1), previous token])`` where the previous
+token of j = 0 is the last prompt token. A sequence ``y`` ends with its first EOS or is cut after
+``L`` tokens; the enumerated support is every such ``y`` and ``p(y)`` is the product of its token
+probabilities (no EOS factor for a cut sequence), so the probabilities sum to one.
 """
 from __future__ import annotations
 
@@ -20,24 +21,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smc.validation import static_int
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EnumerableLM:
     n_tokens: int = 3          # K ordinary tokens
     max_new: int = 4           # L
     prompt_len: int = 1        # prompts are [BOS] unless told otherwise
+    n_eos: int = 1             # E EOS tokens (0: none; every sequence is then cut at L)
+
+    def __post_init__(self):
+        static_int("n_tokens", self.n_tokens, 1)
+        static_int("max_new", self.max_new, 1)
+        static_int("prompt_len", self.prompt_len, 1)
+        static_int("n_eos", self.n_eos, 0)
 
     @property
-    def eos_id(self) -> int:
-        return self.n_tokens
+    def eos_ids(self) -> tuple[int, ...]:
+        return tuple(range(self.n_tokens, self.n_tokens + self.n_eos))
 
     @property
     def bos_id(self) -> int:
-        return self.n_tokens + 1
+        return self.n_tokens + self.n_eos
 
     @property
     def vocab_size(self) -> int:
-        return self.n_tokens + 2
+        return self.n_tokens + self.n_eos + 1
 
     @property
     def max_len(self) -> int:
@@ -46,7 +56,7 @@ class EnumerableLM:
     def init_params(self, key, scale: float = 1.5, eos_bias: float = -1.0):
         V = self.vocab_size
         logits = scale * jax.random.normal(key, (self.max_new, V, V))
-        logits = logits.at[:, :, self.eos_id].add(eos_bias)
+        logits = logits.at[:, :, np.asarray(self.eos_ids, np.int32)].add(eos_bias)
         logits = logits.at[:, :, self.bos_id].set(-jnp.inf)
         return {"table": jax.nn.log_softmax(logits, axis=-1)}
 
@@ -73,11 +83,12 @@ class EnumerableLM:
 
     # --------------------------------------------------------------- exact answers
     def sequences(self) -> list[tuple[int, ...]]:
-        """Every complete sequence: ends with its only EOS, or has L tokens and no EOS."""
-        K, eos, out = self.n_tokens, self.eos_id, []
+        """Every complete sequence: ends with its only EOS (any of them), or has L tokens and
+        no EOS."""
+        K, out = self.n_tokens, []
         for n in range(self.max_new):
             for body in itertools.product(range(K), repeat=n):
-                out.append(body + (eos,))
+                out.extend(body + (eos,) for eos in self.eos_ids)
         out.extend(itertools.product(range(K), repeat=self.max_new))
         return out
 
