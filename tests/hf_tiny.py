@@ -2,11 +2,15 @@
 
 `build_tiny(arch, folder)` writes what a user brings from the hub (``config.json``,
 ``model.safetensors``, ``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json``
-with a chat template), made by transformers itself from a config: no download. The sizes are
-small and odd (2-3 layers, grouped KV heads, explicit head_dim where the architecture has one) and
-every option an architecture has is switched on with a value that matters at test lengths (a
-sliding window shorter than the prompts, Llama 3 RoPE scaling with a short original context,
-Gemma's soft-capping and ``query_pre_attn_scalar``).
+and the chat template), made by the installed transformers itself from a config: no download.
+(transformers 5 writes RoPE as ``rope_parameters`` and the template as ``chat_template.jinja``;
+folders saved by 4.x have ``rope_theta`` / ``rope_scaling`` and the template inside
+``tokenizer_config.json``.) The sizes are small and odd (2-3 layers, grouped KV heads, explicit
+head_dim where the architecture has one) and every option an architecture has is switched on
+with a value that matters at test lengths (a sliding window shorter than the prompts, Llama 3
+RoPE scaling with a short original context, Gemma's final-logit soft cap and
+``query_pre_attn_scalar``). Gemma's ``attn_logit_softcapping`` stays unset: transformers'
+Gemma 3 ignores it (only Gemma 2 applies it), as real Gemma 3 configs (null) do.
 
 The weights are redrawn so that a mistake shows: matrices with variance 1/fan_in (attention
 logits and activations of order one, logits with a spread of a few units), and the norm weights

@@ -252,6 +252,7 @@ BAD_CONFIGS = [
     ({"model_type": "gemma3_text", "use_bidirectional_attention": True},
      ["use_bidirectional_attention"]),
     ({"model_type": "gemma3_text", "layer_types": ["full_attention"]}, ["layer_types"]),
+    ({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0}, ["attn_logit_softcapping"]),
     ({"model_type": "gemma3_text", "rope_parameters": {"rope_type": "default"}},
      ["per layer type"]),
 ]
@@ -392,7 +393,7 @@ ARCHITECTURES = {
     "qwen3": ("Qwen3Config", {"head_dim": 10}),
     "gemma3_text": ("Gemma3TextConfig", {
         "head_dim": 10, "sliding_window": 4, "query_pre_attn_scalar": 12,
-        "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
         "layer_types": ["sliding_attention", "full_attention"]}),
 }
 # checkpoint name (per layer after "model.layers.{i}.") -> ours; gemma renames the two middle norms
@@ -477,4 +478,4 @@ def test_matches_transformers(saved_models, name):
         assert config.window(layer) == window
     if gemma:
         assert config.embed_scale == pytest.approx(float(model.model.embed_tokens.embed_scale))
-        assert (config.attn_logit_softcap, config.final_logit_softcap) == (50.0, 30.0)
+        assert (config.attn_logit_softcap, config.final_logit_softcap) == (None, 30.0)

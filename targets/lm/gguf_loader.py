@@ -211,9 +211,10 @@ def read_config(meta: dict[str, Any], tensor_names=()) -> TransformerConfig:
         return base
     window = _get(meta, a + "attention.sliding_window", int)
     scalar = dim / n_heads if n_layers == 62 else head_dim
-    caps = {name: float(meta[a + key]) for name, key in (
-        ("attn_logit_softcap", "attn_logit_softcapping"),
-        ("final_logit_softcap", "final_logit_softcapping")) if a + key in meta}
+    if a + "attn_logit_softcapping" in meta:  # Gemma 2's; Gemma 3 has none (hf_loader.py)
+        raise GGUFError("gemma3.attn_logit_softcapping is not supported for Gemma 3")
+    caps = ({"final_logit_softcap": float(meta[a + "final_logit_softcapping"])}
+            if a + "final_logit_softcapping" in meta else {})
     return dataclasses.replace(
         base, activation="gelu_tanh", qk_norm=True, sandwich_norm=True,
         embed_scale=dim ** 0.5, attn_scale=scalar ** -0.5, sliding_window=window,

@@ -9,8 +9,7 @@ before anything is compiled.
 What the config means is what transformers makes of it: missing keys take the defaults of
 transformers' own config classes (e.g. ``tie_word_embeddings`` false except for Gemma 3,
 ``head_dim`` 128 for Qwen 3 and 256 for Gemma 3, Mistral's ``sliding_window`` 4096), keys that
-transformers ignores for an architecture are ignored here too (Mistral's ``attention_bias`` and
-``layer_types``, Qwen's ``sliding_window`` when ``use_sliding_window`` is false, a tied
+transformers ignores for an architecture are ignored here too (Mistral's ``layer_types``, Qwen's ``sliding_window`` when ``use_sliding_window`` is false, a tied
 ``lm_head.weight``), and both RoPE formats are read: the old one (``rope_theta``,
 ``rope_scaling``, Gemma's ``rope_local_base_freq``) and transformers 5's ``rope_parameters``
 (one dict, or for Gemma 3 one per layer type).
@@ -21,13 +20,15 @@ raise: ``quantization_config``; ``mlp_bias`` true; ``attention_bias`` true for M
 (gelu_pytorch_tanh, gelu_new, gelu_tanh, gelu_python_tanh, gelu_fast); a RoPE type other than
 default, linear or llama3 (yarn, dynamic, longrope, mrope, ...); ``partial_rotary_factor`` != 1;
 Qwen's ``use_sliding_window`` true or ``layer_types`` naming a layer other than full attention;
-Gemma's ``use_bidirectional_attention`` true or a ``layer_types`` entry other than
-full/sliding attention.
+Gemma's ``use_bidirectional_attention`` true, ``attn_logit_softcapping`` set (transformers'
+Gemma 3 ignores it; Gemma 3 has none) or a ``layer_types`` entry other than full/sliding
+attention.
 
 Weights keep their stored dtype (float32, float16 or bfloat16, the last as
 ``ml_dtypes.bfloat16``, which safetensors >= 0.4.1 returns once ml_dtypes is imported) so that a
-bfloat16 checkpoint is not doubled in memory; the model's cast converts them. Gemma's norm weights ``w`` become the effective multipliers ``1 + w``, computed
-and kept in float32 as transformers' Gemma RMSNorm does.
+bfloat16 checkpoint is not doubled in memory; the model's cast converts them. Gemma's norm
+weights ``w`` become the effective multipliers ``1 + w``, computed and kept in float32 as
+transformers' Gemma RMSNorm does.
 """
 from __future__ import annotations
 
@@ -269,10 +270,15 @@ def gemma3_options(fields: ConfigFields, n_layers: int, dim: int) -> dict[str, A
         window = fields.int("sliding_window", GEMMA3_SLIDING_WINDOW)
     global_rope, local_rope = gemma3_ropes(fields)
     scalar = fields.positive("query_pre_attn_scalar", GEMMA3_QUERY_PRE_ATTN_SCALAR)
+    if fields.data.get("attn_logit_softcapping") is not None:
+        # Gemma 2 capped attention logits; Gemma 3 replaced that by the q/k norms, and
+        # transformers' Gemma 3 reads the key but never applies it: which one is meant is unclear
+        raise fields.error("attn_logit_softcapping is not supported for gemma3 (Gemma 3 has "
+                           "none; transformers ignores it), got "
+                           f"{fields.data['attn_logit_softcapping']!r}")
     return {"qk_norm": True, "sandwich_norm": True, "embed_scale": math.sqrt(dim),
             "attn_scale": scalar ** -0.5, "sliding_window": window, "sliding_layers": sliding,
             "rope": global_rope, "rope_local": local_rope,
-            "attn_logit_softcap": fields.optional_positive("attn_logit_softcapping"),
             "final_logit_softcap": fields.optional_positive("final_logit_softcapping")}
 
 
