@@ -39,7 +39,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes  # noqa: F401  registers numpy's "bfloat16" dtype, which safetensors asks numpy for
 import numpy as np
 
 from smc.validation import static_bool, static_finite, static_int, static_positive
@@ -501,7 +500,10 @@ def read_weights(folder: str | os.PathLike, config: TransformerConfig) -> dict[s
     dtype kept; matrices transposed to ``[in, out]``; per-layer arrays stacked on a leading layer
     axis). Names, shapes and dtypes of every tensor are checked from the safetensors headers
     before any tensor is read; a tensor the model would not use is an error, not skipped."""
-    from safetensors import safe_open  # imported here: reading configs needs no safetensors
+    # imported here: reading configs needs neither; ml_dtypes registers numpy's "bfloat16",
+    # which safetensors asks numpy for
+    import ml_dtypes  # noqa: F401
+    from safetensors import safe_open
 
     folder = model_folder(folder)
     source, tensors = checkpoint_tensors(folder)
