@@ -357,3 +357,22 @@ def test_every_algorithm_runs_on_gemma3(folders):
     for row in range(4):
         body = np.asarray(particles.tokens[row, :int(particles.body_length[row])])
         assert re.fullmatch("[a-z ]*", tok.decode(body)), tok.decode(body)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_the_weights(folders, tmp_path):
+    """A folder whose tokenizer has more tokens than the model's embedding rows does not belong
+    together: `load` names the folder and both sizes before reading any weight."""
+    import json
+    import shutil
+
+    folder = tmp_path / "mismatch"
+    shutil.copytree(folders["llama"], folder)
+    from targets.lm.tokenizer import Tokenizer
+    tokens = Tokenizer.from_folder(folder).vocab_size
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = tokens - 10
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")   # never read: the check comes first
+    with pytest.raises(ValueError, match=f"{re.escape(str(folder))}.*{tokens} tokens.*"
+                                         f"{tokens - 10}"):
+        load(folder)

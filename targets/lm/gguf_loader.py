@@ -222,6 +222,12 @@ def read_config(meta: dict[str, Any], tensor_names=()) -> TransformerConfig:
         rope_local=Rope(base=10000.0), **caps)
 
 
+def read_config_of(path: str | os.PathLike | None = None) -> TransformerConfig:
+    """The `TransformerConfig` of a GGUF file, without reading its tensors."""
+    reader = open_gguf(path)
+    return read_config(metadata(reader), [t.name for t in reader.tensors])
+
+
 def dequantize_tensor(t) -> np.ndarray:
     """Dequantise one ``ReaderTensor`` to float32 in numpy order (rows = ggml's last dim)."""
     gguf = _gguf()

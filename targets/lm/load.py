@@ -78,18 +78,20 @@ def load(source: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     path = resolve_source(source)
     if path.is_dir():
-        config = hf_loader.read_config(path)
-        tokenizer = Tokenizer.from_folder(path)
-        weights = hf_loader.read_weights(path, config)
+        config, tokenizer = hf_loader.read_config(path), Tokenizer.from_folder(path)
     else:
-        config, weights, _ = gguf_loader.read_weights(path)
-        tokenizer = Tokenizer.from_gguf(path)
+        config, tokenizer = gguf_loader.read_config_of(path), Tokenizer.from_gguf(path)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary has {config.vocab_size}: they do not belong together")
     if max_len > config.context_length:
         raise ValueError(f"max_len {max_len} exceeds the model's context length "
                          f"{config.context_length}")
+    # the weights last: every check above is on small files and metadata
+    if path.is_dir():
+        weights = hf_loader.read_weights(path, config)
+    else:
+        _, weights, _ = gguf_loader.read_weights(path)
     model = Transformer(config, max_len=max_len, dtype=dtype, scan_layers=scan_layers,
                         bos_id=tokenizer.bos_id, eos_ids=tuple(tokenizer.eos_ids))
     params = cast_params(weights, config, dtype)
