@@ -286,3 +286,28 @@ def test_unrolled_layer_loop_equals_scan():
                                atol=1e-5)
     np.testing.assert_allclose(np.asarray(out["unrolled"][2][2][0]), np.asarray(full[7]),
                                atol=1e-5)
+
+
+def test_cast_params_consumes_the_loader_weights_and_refuses_unknown_arrays():
+    """`cast_params` drops each numpy array once cast (so a model is not held twice while it
+    loads) and names an array it has no place for instead of ignoring it."""
+    from targets.lm.config import TransformerConfig
+    from targets.lm.transformer import cast_params
+    cfg = TransformerConfig(architecture="llama", vocab_size=5, dim=4, n_layers=1, n_heads=2,
+                            n_kv_heads=1, head_dim=2, ffn_dim=3, norm_eps=1e-5, context_length=8)
+
+    def weights(**extra):
+        zeros = lambda *s: np.zeros((1, *s), np.float32)
+        layers = {"attn_norm": zeros(4), "ffn_norm": zeros(4), "wq": zeros(4, 4),
+                  "wk": zeros(4, 2), "wv": zeros(4, 2), "wo": zeros(4, 4), "w_gate": zeros(4, 3),
+                  "w_up": zeros(4, 3), "w_down": zeros(3, 4), **extra}
+        return {"embed": np.zeros((5, 4), np.float32), "final_norm": np.ones(4, np.float32),
+                "layers": layers}
+
+    loaded = weights()
+    params = cast_params(loaded, cfg)
+    assert loaded == {}
+    assert params["layers"][0]["wqkv"].shape == (4, 8)
+    assert params["layers"][0]["w_gate_up"].shape == (4, 6)
+    with pytest.raises(ValueError, match="'w_extra'"):
+        cast_params(weights(w_extra=np.zeros((1, 2), np.float32)), cfg)

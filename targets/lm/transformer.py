@@ -277,24 +277,30 @@ def cast_params(weights: Params, config: TransformerConfig, dtype=jnp.float32) -
     of per-layer dicts ``attn_norm``, ``wqkv [D, (H + 2 KV) hd]`` (and ``bqkv``), ``wo`` (and
     ``bo``), ``ffn_norm``, ``w_gate_up [D, 2F]``, ``w_down``, and the optional ``q_norm``,
     ``k_norm``, ``post_attn_norm``, ``post_ffn_norm``; weights in ``dtype``, norms in float32.
+
+    `weights` is consumed: each of its arrays is dropped from it once cast, so that a model is
+    not held twice over (numpy and JAX) while it loads; it is left empty.
     """
-    stacked = weights["layers"]
+    stacked = weights.pop("layers")
     fused = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
-    single = ("wo", "bo", "w_down") + NORMS
-
-    def layer(i):
-        out = {}
-        for name, parts in fused.items():
-            if parts[0] in stacked:
-                out[name] = jnp.asarray(np.concatenate([stacked[p][i] for p in parts], -1), dtype)
-        for name in single:
-            if name in stacked:
-                out[name] = jnp.asarray(stacked[name][i], F32 if name in NORMS else dtype)
-        return out
-
-    params = {"embed": jnp.asarray(weights["embed"], dtype),
-              "final_norm": jnp.asarray(weights["final_norm"], F32),
-              "layers": tuple(layer(i) for i in range(config.n_layers))}
-    if "lm_head" in weights:
-        params["lm_head"] = jnp.asarray(weights["lm_head"], dtype)
+    layers = [{} for _ in range(config.n_layers)]
+    for name, parts in fused.items():
+        if parts[0] in stacked:
+            arrays = [stacked.pop(part) for part in parts]
+            for i, out in enumerate(layers):
+                out[name] = jnp.asarray(np.concatenate([a[i] for a in arrays], -1), dtype)
+            del arrays
+    for name in ("wo", "bo", "w_down") + NORMS:
+        if name in stacked:
+            array = stacked.pop(name)
+            for i, out in enumerate(layers):
+                out[name] = jnp.asarray(array[i], F32 if name in NORMS else dtype)
+            del array
+    if stacked:
+        raise ValueError(f"weights['layers'] holds arrays the model has no place for: "
+                         f"{sorted(stacked)}")
+    params = {"layers": tuple(layers)}
+    for name in ("embed", "final_norm", "lm_head"):
+        if name in weights:
+            params[name] = jnp.asarray(weights.pop(name), F32 if name == "final_norm" else dtype)
     return params
