@@ -30,6 +30,16 @@ import math
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_SCALINGS = ("default", "linear", "llama3")
+# Gemma 3's defaults where a file leaves them out (both loaders use them): all layers but every
+# sixth are local (sliding-window), with RoPE base 1e4
+GEMMA3_SLIDING_PATTERN = 6
+GEMMA3_LOCAL_ROPE_BASE = 1e4
+
+
+def every_nth_global(n_layers: int, pattern: int = GEMMA3_SLIDING_PATTERN) -> tuple[bool, ...]:
+    """Sliding-layer flags with every `pattern`-th layer global (layer i is global iff
+    (i + 1) % pattern == 0), Gemma's ``sliding_window_pattern``."""
+    return tuple((i + 1) % pattern != 0 for i in range(n_layers))
 
 
 @dataclasses.dataclass(frozen=True)

