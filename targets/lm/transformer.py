@@ -67,9 +67,11 @@ def apply_rope(x, cos, sin):
     return (x32 * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
 
 
-def project(x, w, *, w_out_first: bool = False, dtype=None):
-    """``x [..., D]`` times ``w [D, O]`` (``[O, D]`` with ``w_out_first``, e.g. a tied
-    embedding as stored), accumulated in float32 and returned in ``dtype`` (default ``x``'s).
+def project(x, w, *, contract: int = 1, w_out_first: bool = False, dtype=None):
+    """Contract the last ``contract`` axes of ``x`` with the first ones of ``w`` (with
+    ``w_out_first``: ``x [..., D]`` with ``w [O, D]``'s last, e.g. a tied embedding as stored);
+    accumulated in float32, returned in ``dtype`` (default ``x``'s). The result has ``x``'s
+    leading axes and ``w``'s remaining ones.
 
     Accumulating in float32 is what bf16 models are trained and served with; it also keeps
     XLA:CPU off its scalar path: a bf16 x bf16 -> bf16 product ran ~9x slower than the same
@@ -77,16 +79,17 @@ def project(x, w, *, w_out_first: bool = False, dtype=None):
     multiplied as two: XLA:CPU's bf16 matrix-vector product is slow whatever the result type
     (210 vs 35 ms); its matrix-matrix product is not.
     """
-    lead, d = x.shape[:-1], x.shape[-1]
-    flat = x.reshape(-1, d)
+    lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
+    flat = x.reshape(-1, *inner)
     single = flat.shape[0] == 1 and x.dtype != F32
     if single:
         flat = jnp.concatenate([flat, flat])
-    dims = (((1,), (1,) if w_out_first else (0,)), ((), ()))
-    out = jax.lax.dot_general(flat, w, dims, preferred_element_type=F32)
+    x_axes = tuple(range(1, 1 + contract))
+    w_axes = (w.ndim - 1,) if w_out_first else tuple(range(contract))
+    out = jax.lax.dot_general(flat, w, ((x_axes, w_axes), ((), ())), preferred_element_type=F32)
     if single:
         out = out[:1]
-    return out.reshape(*lead, out.shape[-1]).astype(dtype or x.dtype)
+    return out.reshape(*lead, *out.shape[1:]).astype(dtype or x.dtype)
 
 
 def soft_cap(x, cap: float | None):
@@ -126,13 +129,11 @@ class Transformer:
         """Projections of ``h [..., D]``: q ``[..., H, hd]``, k and v ``[..., KV, hd]`` (RoPE'd)."""
         c = self.config
         x = rms_norm(h, lp["attn_norm"], c.norm_eps)
-        qkv = project(x, lp["wqkv"])
+        qkv = project(x, lp["wqkv"])  # [..., KV, G + 2, hd]: each KV head's queries, key, value
         if "bqkv" in lp:
             qkv = qkv + lp["bqkv"]
-        nq, nk = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        q = qkv[..., :nq].reshape(*x.shape[:-1], c.n_heads, c.head_dim)
-        k = qkv[..., nq:nq + nk].reshape(*x.shape[:-1], c.n_kv_heads, c.head_dim)
-        v = qkv[..., nq + nk:].reshape(*x.shape[:-1], c.n_kv_heads, c.head_dim)
+        q = qkv[..., :c.group_size, :].reshape(*x.shape[:-1], c.n_heads, c.head_dim)
+        k, v = qkv[..., c.group_size, :], qkv[..., c.group_size + 1, :]
         if c.qk_norm:
             q = rms_norm(q, lp["q_norm"], c.norm_eps)
             k = rms_norm(k, lp["k_norm"], c.norm_eps)
@@ -143,16 +144,17 @@ class Transformer:
         return soft_cap(s * self.config.query_scale, self.config.attn_logit_softcap)
 
     def _out_ffn(self, lp, h, o):
-        """Residual attention output ``o [..., H*hd]``, then the residual feed-forward."""
+        """Residual attention output ``o [..., KV, G, hd]``, then the residual feed-forward."""
         c = self.config
-        o = project(o, lp["wo"])
+        o = project(o, lp["wo"], contract=3)
         if "bo" in lp:
             o = o + lp["bo"]
         if c.sandwich_norm:
             o = rms_norm(o, lp["post_attn_norm"], c.norm_eps)
         h = h + o
         x = rms_norm(h, lp["ffn_norm"], c.norm_eps)
-        gate, up = jnp.split(project(x, lp["w_gate_up"]), 2, axis=-1)
+        gate_up = project(x, lp["w_gate_up"])  # [..., 2, F]
+        gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
         act = jax.nn.silu(gate) if c.activation == "silu" else jax.nn.gelu(gate, approximate=True)
         y = project(act * up, lp["w_down"])
         if c.sandwich_norm:
@@ -230,7 +232,7 @@ class Transformer:
             s = jnp.where(pick(sliding, window, causal), s, -jnp.inf)
             a = jax.nn.softmax(s, axis=-1).astype(self.dtype)
             o = jnp.einsum("bkgqt,btkd->bqkgd", a, v, preferred_element_type=F32)
-            o = o.reshape(B * P, c.n_heads * c.head_dim).astype(self.dtype)
+            o = o.reshape(B * P, c.n_kv_heads, c.group_size, c.head_dim).astype(self.dtype)
             return self._out_ffn(lp, h, o), (k, v)
 
         h, kv = self._over_layers(params["layers"], layer, h, (None,) * c.n_layers)
@@ -280,7 +282,7 @@ class Transformer:
             visible = pick(sliding, window, causal)[:, None, None, :]
             a = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1).astype(cv.dtype)
             o = jnp.einsum("bkgt,bktd->bkgd", a, cv, preferred_element_type=F32)
-            return self._out_ffn(lp, h, o.reshape(B, -1).astype(self.dtype)), (ck, cv)
+            return self._out_ffn(lp, h, o.astype(self.dtype)), (ck, cv)
 
         h, kv = self._over_layers(params["layers"], layer, h, tuple(zip(cache["k"], cache["v"])))
         cache = {"k": tuple(k for k, _ in kv), "v": tuple(v for _, v in kv)}
@@ -299,23 +301,41 @@ def cast_params(weights: Params, config: TransformerConfig, dtype=jnp.float32) -
     """Loader weights (numpy, the layout of `targets.lm.config`) -> the model's jax params.
 
     ``embed [V, D]``, ``final_norm [D]``, ``lm_head [D, V]`` (untied only) and ``layers``: a tuple
-    of per-layer dicts ``attn_norm``, ``wqkv [D, (H + 2 KV) hd]`` (and ``bqkv``), ``wo`` (and
-    ``bo``), ``ffn_norm``, ``w_gate_up [D, 2F]``, ``w_down``, and the optional ``q_norm``,
+    of per-layer dicts ``attn_norm``, ``wqkv [D, KV, G + 2, hd]`` (and ``bqkv [KV, G + 2, hd]``),
+    ``wo [KV, G, hd, D]`` (and ``bo``), ``ffn_norm``, ``w_gate_up [D, 2, F]``, ``w_down [F, D]``,
+    and the optional ``q_norm``,
     ``k_norm``, ``post_attn_norm``, ``post_ffn_norm``; weights in ``dtype``, norms in float32.
 
     `weights` is consumed: each of its arrays is dropped from it once cast, so that a model is
     not held twice over (numpy and JAX) while it loads; it is left empty.
     """
     stacked = weights.pop("layers")
-    fused = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
-    layers = [{} for _ in range(config.n_layers)]
-    for name, parts in fused.items():
+    c = config
+    kv, g, hd = c.n_kv_heads, c.group_size, c.head_dim
+    # heads grouped by KV head ([KV, G + 2, hd]: its G queries, its key, its value), so that a
+    # split of the KV axis over devices keeps every head whole (targets.lm.sharding)
+    grouped = {"wqkv": (("wq", "wk", "wv"), (kv, g), (kv, 1)),
+               "bqkv": (("bq", "bk", "bv"), (kv, g), (kv, 1))}
+    layers = [{} for _ in range(c.n_layers)]
+    for name, (parts, q_shape, kv_shape) in grouped.items():
         if parts[0] in stacked:
             arrays = [stacked.pop(part) for part in parts]
             for i, out in enumerate(layers):
-                out[name] = jnp.asarray(np.concatenate([a[i] for a in arrays], -1), dtype)
+                q, k, v = (a[i].reshape(*a[i].shape[:-1], *shape, hd)
+                           for a, shape in zip(arrays, (q_shape, kv_shape, kv_shape)))
+                out[name] = jnp.asarray(np.concatenate([q, k, v], -2), dtype)
             del arrays
-    for name in ("wo", "bo", "w_down") + NORMS:
+    if "w_gate" in stacked:
+        gate, up = stacked.pop("w_gate"), stacked.pop("w_up")
+        for i, out in enumerate(layers):
+            out["w_gate_up"] = jnp.asarray(np.stack([gate[i], up[i]], -2), dtype)  # [D, 2, F]
+        del gate, up
+    if "wo" in stacked:
+        wo = stacked.pop("wo")
+        for i, out in enumerate(layers):
+            out["wo"] = jnp.asarray(wo[i].reshape(kv, g, hd, c.dim), dtype)
+        del wo
+    for name in ("bo", "w_down") + NORMS:
         if name in stacked:
             array = stacked.pop(name)
             for i, out in enumerate(layers):
