@@ -43,24 +43,28 @@ def test_an_object_without_the_protocol_is_refused_by_name():
         decoding.check_prompts(NotAModel(), np.zeros((1, 1), np.int32), np.ones(1, np.int32), 1)
 
 
+def prefilled(params):
+    return decoding.prefill(LM, params, jnp.array([[LM.bos_id]], jnp.int32),
+                            jnp.array([1], jnp.int32))
+
+
 def start(params, copies=3):
-    prompt = jnp.array([[LM.bos_id]], jnp.int32)
-    return decoding.start(LM, params, prompt, jnp.array([1], jnp.int32), max_new_tokens=T,
-                          eos_ids=EOS_IDS, copies=copies)
+    return decoding.start(LM, prefilled(params), max_new_tokens=T, eos_ids=EOS_IDS,
+                          copies=copies)
 
 
 def test_append_writes_live_rows_and_freezes_the_others(params):
     s = start(params)
     tokens = jnp.array([0, LM.eos_ids[0], 2], jnp.int32)
-    s1 = decoding.append(LM, params, s, tokens, jnp.zeros(3), EOS_IDS)
+    s1 = decoding.append(LM, params, prefilled(params), s, tokens, jnp.zeros(3), EOS_IDS)
     assert np.asarray(s1.length).tolist() == [1, 1, 1]
     assert np.asarray(s1.done).tolist() == [False, True, False]
     assert np.asarray(s1.ended_with_eos).tolist() == [False, True, False]
     expected = np.asarray(decoding.token_logprob(s, tokens))
     np.testing.assert_allclose(np.asarray(s1.token_logp[:, 0]), expected)
     # the ended row is frozen: its next token is ignored, nothing is written or scored
-    s2 = decoding.append(LM, params, s1, jnp.array([1, 1, 1], jnp.int32), jnp.zeros(3),
-                         EOS_IDS)
+    s2 = decoding.append(LM, params, prefilled(params), s1, jnp.array([1, 1, 1], jnp.int32),
+                         jnp.zeros(3), EOS_IDS)
     assert np.asarray(s2.length).tolist() == [2, 1, 2]
     assert int(s2.tokens[1, 1]) == LM.eos_ids[0] and float(s2.token_logp[1, 1]) == 0.0
     np.testing.assert_array_equal(np.asarray(s2.logprobs[1]), np.asarray(s1.logprobs[1]))
@@ -69,7 +73,8 @@ def test_append_writes_live_rows_and_freezes_the_others(params):
 def test_rows_end_at_max_new_tokens(params):
     s = start(params, copies=2)
     for _ in range(T):
-        s = decoding.append(LM, params, s, jnp.array([0, 0], jnp.int32), jnp.zeros(2), EOS_IDS)
+        s = decoding.append(LM, params, prefilled(params), s, jnp.array([0, 0], jnp.int32),
+                            jnp.zeros(2), EOS_IDS)
     assert np.asarray(s.done).all() and not np.asarray(s.ended_with_eos).any()
     assert np.asarray(s.length).tolist() == [T, T]
 
@@ -78,16 +83,16 @@ def test_rollout_teacher_forces_then_samples_and_respects_the_limit(params):
     s = start(params, copies=4)
     teacher = jnp.array([[0, 1, 2, 0]] * 4, jnp.int32)
     cut = jnp.array([0, 1, 2, 3], jnp.int32)
-    out = decoding.rollout(jax.random.PRNGKey(0), LM, params, s, lambda st: st.logprobs,
-                           EOS_IDS, limit=3, teacher=teacher, cut=cut)
+    out = decoding.rollout(jax.random.PRNGKey(0), LM, params, prefilled(params), s,
+                           lambda st: st.logprobs, EOS_IDS, limit=3, teacher=teacher, cut=cut)
     tokens, length = np.asarray(out.tokens), np.asarray(out.length)
     for row in range(4):
         kept = min(int(cut[row]), 3)
         assert tokens[row, :kept].tolist() == [0, 1, 2][:kept]
         assert length[row] <= 3 and (length[row] == 3 or out.ended_with_eos[row])
     # scores of the teacher-forced tokens are the model's
-    full = decoding.rollout(jax.random.PRNGKey(1), LM, params, start(params, 1),
-                            lambda st: st.logprobs, EOS_IDS, teacher=teacher[:1],
+    full = decoding.rollout(jax.random.PRNGKey(1), LM, params, prefilled(params),
+                            start(params, 1), lambda st: st.logprobs, EOS_IDS, teacher=teacher[:1],
                             cut=jnp.array([T], jnp.int32))
     np.testing.assert_allclose(float(full.logp[0]),
                                LM.sequence_logprob(params, (0, 1, 2, 0)), atol=1e-5)

@@ -76,15 +76,15 @@ def test_every_algorithm_checks_eos_ids_before_tracing(build):
 
 def test_a_row_stops_at_either_id_and_is_filled_with_the_first(params):
     eos_ids = decoding.resolve_eos(LM, None)
-    s = decoding.start(LM, params, PROMPT[None], jnp.array([1], jnp.int32), max_new_tokens=T,
-                       eos_ids=eos_ids, copies=3)
-    s = decoding.append(LM, params, s, jnp.array([0, FIRST, SECOND], jnp.int32), jnp.zeros(3),
-                        eos_ids)
+    prefilled = decoding.prefill(LM, params, PROMPT[None], jnp.array([1], jnp.int32))
+    s = decoding.start(LM, prefilled, max_new_tokens=T, eos_ids=eos_ids, copies=3)
+    s = decoding.append(LM, params, prefilled, s, jnp.array([0, FIRST, SECOND], jnp.int32),
+                        jnp.zeros(3), eos_ids)
     assert np.asarray(s.done).tolist() == [False, True, True]
     assert np.asarray(s.ended_with_eos).tolist() == [False, True, True]
     assert np.asarray(s.body_length).tolist() == [1, 0, 0]
-    s = decoding.append(LM, params, s, jnp.array([SECOND, 0, 0], jnp.int32), jnp.zeros(3),
-                        eos_ids)
+    s = decoding.append(LM, params, prefilled, s, jnp.array([SECOND, 0, 0], jnp.int32),
+                        jnp.zeros(3), eos_ids)
     assert np.asarray(s.length).tolist() == [2, 1, 1]
     assert np.asarray(s.ended_with_eos).tolist() == [True, True, True]
     np.testing.assert_array_equal(np.asarray(s.tokens), [[0, SECOND, FIRST],
@@ -94,11 +94,11 @@ def test_a_row_stops_at_either_id_and_is_filled_with_the_first(params):
 
 def test_forced_eos_is_the_first_id(params):
     eos_ids = decoding.resolve_eos(LM, None)
-    s = decoding.start(LM, params, PROMPT[None], jnp.array([1], jnp.int32), max_new_tokens=T,
-                       eos_ids=eos_ids, copies=2)
+    prefilled = decoding.prefill(LM, params, PROMPT[None], jnp.array([1], jnp.int32))
+    s = decoding.start(LM, prefilled, max_new_tokens=T, eos_ids=eos_ids, copies=2)
     for token in (0, 1):
-        s = decoding.append(LM, params, s, jnp.full((2,), token, jnp.int32), jnp.zeros(2),
-                            eos_ids)
+        s = decoding.append(LM, params, prefilled, s, jnp.full((2,), token, jnp.int32),
+                            jnp.zeros(2), eos_ids)
     tokens, logq, forced = decoding.draw_token(jax.random.PRNGKey(0), s, s.logprobs, eos_ids,
                                                forced_eos=True)
     assert np.asarray(forced).all() and np.asarray(tokens).tolist() == [FIRST, FIRST]

@@ -112,13 +112,15 @@ def prompt():
     return tok.encode_chat([{"role": "user", "content": "Name three colours."}])
 
 
-def _greedy_jax(jitted, params, prompt, n):
-    cache, lp = jitted["prefill"](params, jnp.asarray([prompt]), jnp.asarray([len(prompt)]))
+def _greedy_jax(model, jitted, params, prompt, n):
+    prompt_cache, lp = jitted["prefill"](params, jnp.asarray([prompt]),
+                                         jnp.asarray([len(prompt)]))
+    cache = model.init_cache(1, n)
     out = []
     for i in range(n):
         t = int(jnp.argmax(lp[0]))
         out.append(t)
-        cache, lp = jitted["decode"](params, cache, jnp.asarray([t]),
+        cache, lp = jitted["decode"](params, prompt_cache, cache, jnp.asarray([t]),
                                      jnp.asarray([len(prompt) + i]))
     return out
 
@@ -129,9 +131,9 @@ def test_logits_and_greedy_match_numpy_reference(lm, jitted, prompt):
     """Logits at every position of the prompt and of our 8 greedy tokens, and each greedy token is
     the reference's argmax after its prefix (so the greedy continuations are equal).
     tests/test_lm_transformers.py compares 64 greedy tokens against transformers."""
-    _, params = lm
+    model, params = lm
     n = 8
-    ours = _greedy_jax(jitted, params, prompt, n)
+    ours = _greedy_jax(model, jitted, params, prompt, n)
     ref = NumpyLlama(GGUF_PATH)
     with _one_blas_thread():
         ref_logits = ref.logits(prompt + ours)  # [P + n, V]
@@ -143,40 +145,45 @@ def test_logits_and_greedy_match_numpy_reference(lm, jitted, prompt):
 
 @needs_model
 def test_kv_cache_decoding_equals_full_recomputation(lm, jitted, prompt):
-    _, params = lm
+    model, params = lm
     seq = prompt + [504, 3458, 28, 2114, 30, 1175]
     P = len(prompt)
     full = jax.nn.log_softmax(jitted["forward"](params, jnp.asarray([seq]))[0], axis=-1)
-    cache, lp = jitted["prefill"](params, jnp.asarray([prompt]), jnp.asarray([P]))
+    prompt_cache, lp = jitted["prefill"](params, jnp.asarray([prompt]), jnp.asarray([P]))
+    cache = model.init_cache(1, len(seq) - P)
     got = [lp[0]]
     for i, t in enumerate(seq[P:-1]):
-        cache, lp = jitted["decode"](params, cache, jnp.asarray([t]), jnp.asarray([P + i]))
+        cache, lp = jitted["decode"](params, prompt_cache, cache, jnp.asarray([t]),
+                                     jnp.asarray([P + i]))
         got.append(lp[0])
     np.testing.assert_allclose(np.stack(got), np.asarray(full[P - 1:-1]), atol=2e-4, rtol=0)
 
 
 @needs_model
 def test_rows_at_different_lengths_are_independent(lm, jitted, prompt):
-    _, params = lm
+    model, params = lm
     prompts = [prompt, prompt[:7], prompt[3:20]]
     P = max(map(len, prompts))
     pad = np.full((3, P), 2, np.int32)
     for b, p in enumerate(prompts):
         pad[b, :len(p)] = p
     lengths = jnp.asarray([len(p) for p in prompts])
-    cache, lp = jitted["prefill"](params, jnp.asarray(pad), lengths)
+    prompt_cache, lp = jitted["prefill"](params, jnp.asarray(pad), lengths)
+    cache = model.init_cache(3, 3)
     feed = [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
     batched = [lp]
     for i in range(3):
-        cache, lp = jitted["decode"](params, cache, jnp.asarray([f[i] for f in feed]), lengths + i)
+        cache, lp = jitted["decode"](params, prompt_cache, cache,
+                                     jnp.asarray([f[i] for f in feed]), lengths + i)
         batched.append(lp)
     for b, p in enumerate(prompts):  # each row alone, padded differently (with token 0)
         alone = np.zeros((1, P), np.int32)
         alone[0, :len(p)] = p
-        c1, l1 = jitted["prefill"](params, jnp.asarray(alone), jnp.asarray([len(p)]))
+        p1, l1 = jitted["prefill"](params, jnp.asarray(alone), jnp.asarray([len(p)]))
+        c1 = model.init_cache(1, 3)
         single = [l1]
         for i in range(3):
-            c1, l1 = jitted["decode"](params, c1, jnp.asarray([feed[b][i]]),
+            c1, l1 = jitted["decode"](params, p1, c1, jnp.asarray([feed[b][i]]),
                                       jnp.asarray([len(p) + i]))
             single.append(l1)
         for s, bt in zip(single, batched):
@@ -188,21 +195,26 @@ def test_decode_under_vmap_matches_flat_batch(lm, jitted, prompt):
     model, params = lm
     B = 4
     toks = jnp.asarray([prompt] * B)
-    cache, _ = jitted["prefill"](params, toks, jnp.full((B,), len(prompt)))
+    prompt_cache, _ = jitted["prefill"](params, toks, jnp.full((B,), len(prompt)))
+    cache = model.init_cache(B, 2)
     new = jnp.asarray([5, 6, 7, 8])
     pos = jnp.asarray([len(prompt)] * B)
-    _, flat = jitted["decode"](params, cache, new, pos)
-    grouped = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), cache)
-    _, lp = jax.jit(jax.vmap(model.decode, in_axes=(None, 0, 0, 0)))(
-        params, grouped, new.reshape(2, 2), pos.reshape(2, 2))
+    _, flat = jitted["decode"](params, prompt_cache, cache, new, pos)
+    group = lambda tree: jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), tree)
+    _, lp = jax.jit(jax.vmap(model.decode, in_axes=(None, 0, 0, 0, 0)))(
+        params, group(prompt_cache), group(cache), new.reshape(2, 2), pos.reshape(2, 2))
     np.testing.assert_allclose(np.asarray(lp.reshape(B, -1)), np.asarray(flat), atol=1e-4)
 
 
 @needs_model
 def test_position_past_max_len_writes_nothing(lm, jitted, prompt):
-    _, params = lm
-    cache, _ = jitted["prefill"](params, jnp.asarray([prompt]), jnp.asarray([len(prompt)]))
-    cache2, lp = jitted["decode"](params, cache, jnp.asarray([5]), jnp.asarray([MAX_LEN]))
+    model, params = lm
+    prompt_cache, _ = jitted["prefill"](params, jnp.asarray([prompt]), jnp.asarray([len(prompt)]))
+    # one real token first, so that the cache has something an errant write would change
+    cache, _ = jitted["decode"](params, prompt_cache, model.init_cache(1, 2), jnp.asarray([7]),
+                                jnp.asarray([len(prompt)]))
+    cache2, lp = jitted["decode"](params, prompt_cache, cache, jnp.asarray([5]),
+                                  jnp.asarray([MAX_LEN]))
     assert np.isfinite(np.asarray(lp)).all()
     np.testing.assert_array_equal(np.asarray(cache2["k"]), np.asarray(cache["k"]))
     np.testing.assert_array_equal(np.asarray(cache2["v"]), np.asarray(cache["v"]))
@@ -217,7 +229,7 @@ def test_bf16_weights_close_to_fp32(lm, jitted, prompt):
     c16, lp16 = jax.jit(model16.prefill)(params16, jnp.asarray([prompt]),
                                          jnp.asarray([len(prompt)]))
     _, lp32 = jitted["prefill"](params, jnp.asarray([prompt]), jnp.asarray([len(prompt)]))
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(c16))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((c16["k"], c16["v"])))
     p32 = np.exp(np.asarray(lp32[0], np.float64))
     tv = 0.5 * np.abs(np.exp(np.asarray(lp16[0], np.float64)) - p32).sum()
     assert tv < 0.1, tv
@@ -266,14 +278,16 @@ def test_unrolled_layer_loop_equals_scan():
     lengths = jnp.asarray([6, 4])
 
     def run(model, params):
-        cache, lp = model.prefill(params, tokens, lengths)
+        prompt_cache, lp = model.prefill(params, tokens, lengths)
+        cache = model.init_cache(2, 3)
         steps = [lp]
         for i in range(3):
-            cache, lp = model.decode(params, cache, jnp.asarray([11 + i, 20 + i]), lengths + i)
+            cache, lp = model.decode(params, prompt_cache, cache, jnp.asarray([11 + i, 20 + i]),
+                                     lengths + i)
             steps.append(lp)
         seq = jnp.concatenate([tokens[:1], jnp.asarray([[11, 12]])], axis=1)  # row 0 + fed
         full = jax.nn.log_softmax(model.forward(params, seq)[0], axis=-1)
-        return model.forward(params, tokens), cache, steps, full
+        return model.forward(params, tokens), (prompt_cache, cache), steps, full
 
     # one program per loop strategy: compiled once each
     out = {name: jax.jit(functools.partial(run, model))(params)

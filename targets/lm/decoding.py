@@ -5,7 +5,8 @@ everything the algorithms weigh them by: the model's cache and next-token distri
 log-probability of each generated token under the model (``token_logp``) and under the proposal
 that produced it (``token_logq``), and a log-potential slot that twisted SMC fills. It is the
 particle type of every LM algorithm: its leaves all have the row axis first, so the SMC engine
-resamples it (cache included) with one gather.
+resamples it (cache included) with one gather, and the gather copies no prompt: the prompt's
+cache lives apart, in `Prefilled`, which the algorithms build once and close over.
 
 A row *ends* at its first EOS (any of the ids ``eos_ids``: a model may have several, e.g.
 ``<|im_end|>`` and ``<|endoftext|>``) or once it holds T = ``max_new_tokens`` tokens; an ended row
@@ -13,7 +14,9 @@ is frozen: it is fed at position ``max_len``, which writes nothing to its cache,
 slots hold the *fill* token, the first of ``eos_ids``. The few functions below are all the
 algorithms need:
 
-- `start`: prefill each prompt once and copy its cache into its rows;
+- `prefill`: run each prompt through the model once (`Prefilled`: its cache, stored once and
+  shared by every row that continues it);
+- `start`: rows continuing the prefilled prompts, each with a cache of its own tokens only;
 - `append`: add one token to the live rows;
 - `rollout`: append until the rows end or reach a length limit, teacher-forcing a given prefix
   (scored, not sampled) and sampling the rest from a proposal;
@@ -43,7 +46,7 @@ Sampler = Callable[[Array, Array], Array]
 class SequenceState(NamedTuple):
     """N rows being decoded (leading axis N on every leaf); T = max_new_tokens."""
 
-    cache: Any               # the model's cache (None once dropped from a result)
+    cache: Any               # the per-row cache of generated tokens (None once dropped)
     logprobs: Array          # [N, V] float32 log p(. | prompt, tokens so far)
     tokens: Array            # [N, T] int32 generated tokens, the fill EOS past the length
     length: Array            # [N] int32 generated tokens, the EOS included
@@ -165,24 +168,38 @@ def check_prompt(lm: LanguageModel, prompt: Any, prompt_length: Any, max_new_tok
 
 
 # ----------------------------------------------------------------------------- the state
-def start(lm: LanguageModel, params: Any, prompts: Array, prompt_lengths: Array, *,
-          max_new_tokens: int, eos_ids: tuple[int, ...], copies: int = 1) -> SequenceState:
-    """Rows for prompts [B, P] with lengths [B]: each prompt prefilled once, then copied into
-    `copies` consecutive rows (N = B copies), nothing generated yet. A prompt with a token id
+class Prefilled(NamedTuple):
+    """B prompts run through the model once: what every row that continues them shares."""
+
+    prompt_cache: Any        # the model's prompt cache (leading axis B), stored once
+    logprobs: Array          # [B, V] float32 next-token log-probabilities after each prompt
+    lengths: Array           # [B] int32 real prompt tokens
+
+
+def prefill(lm: LanguageModel, params: Any, prompts: Array, prompt_lengths: Array) -> Prefilled:
+    """Run prompts [B, P] with lengths [B] through the model once. A prompt with a token id
     outside the vocabulary among its real tokens gets NaN log-probabilities (`check_prompts`)."""
-    cache, logprobs = lm.prefill(params, prompts, prompt_lengths)
+    prompt_cache, logprobs = lm.prefill(params, prompts, prompt_lengths)
     real = jnp.arange(prompts.shape[1])[None, :] < prompt_lengths[:, None]
     outside = jnp.any(real & ((prompts < 0) | (prompts >= lm.vocab_size)), axis=1)
-    logprobs = jnp.where(outside[:, None], jnp.nan, logprobs)
-    rows = prompts.shape[0] * copies
-    cache, logprobs, lengths = jax.tree_util.tree_map(
+    logprobs = jnp.where(outside[:, None], jnp.nan, logprobs.astype(jnp.float32))
+    return Prefilled(prompt_cache, logprobs, jnp.asarray(prompt_lengths, jnp.int32))
+
+
+def start(lm: LanguageModel, prefilled: Prefilled, *, max_new_tokens: int,
+          eos_ids: tuple[int, ...], copies: int = 1) -> SequenceState:
+    """Rows continuing the prefilled prompts, `copies` consecutive rows per prompt (N = B copies;
+    row r continues prompt r // copies), nothing generated yet. Each row's cache holds only
+    its own tokens: the prompt's stays in `prefilled`, shared."""
+    rows = prefilled.lengths.shape[0] * copies
+    logprobs, lengths = jax.tree_util.tree_map(
         lambda x: jnp.repeat(x, copies, axis=0, total_repeat_length=rows),
-        (cache, logprobs, prompt_lengths))
+        (prefilled.logprobs, prefilled.lengths))
     zeros = jnp.zeros((rows, max_new_tokens), jnp.float32)
     return SequenceState(
-        cache=cache, logprobs=logprobs.astype(jnp.float32),
+        cache=lm.init_cache(rows, max_new_tokens), logprobs=logprobs,
         tokens=jnp.full((rows, max_new_tokens), eos_ids[0], jnp.int32),
-        length=jnp.zeros((rows,), jnp.int32), prompt_length=lengths.astype(jnp.int32),
+        length=jnp.zeros((rows,), jnp.int32), prompt_length=lengths,
         done=jnp.zeros((rows,), bool), ended_with_eos=jnp.zeros((rows,), bool),
         token_logp=zeros, token_logq=zeros, log_potential=jnp.zeros((rows,), jnp.float32))
 
@@ -192,8 +209,9 @@ def token_logprob(state: SequenceState, tokens: Array) -> Array:
     return jnp.take_along_axis(state.logprobs, tokens[:, None], axis=-1)[:, 0]
 
 
-def append(lm: LanguageModel, params: Any, state: SequenceState, tokens: Array, logq: Array,
-           eos_ids: tuple[int, ...], live: Array | None = None) -> SequenceState:
+def append(lm: LanguageModel, params: Any, prefilled: Prefilled, state: SequenceState,
+           tokens: Array, logq: Array, eos_ids: tuple[int, ...], live: Array | None = None
+           ) -> SequenceState:
     """Append tokens [N] (with their proposal log q [N]) to the live rows (default: those not
     done); the other rows are frozen: nothing is written to their cache, tokens or scores. A live
     row whose token is any of `eos_ids` ends with it."""
@@ -201,7 +219,8 @@ def append(lm: LanguageModel, params: Any, state: SequenceState, tokens: Array, 
     live = ~state.done if live is None else live
     tokens = jnp.where(live, tokens, eos_ids[0]).astype(jnp.int32)
     position = jnp.where(live, state.prompt_length + state.length, lm.max_len)
-    cache, next_logprobs = lm.decode(params, state.cache, tokens, position)
+    cache, next_logprobs = lm.decode(params, prefilled.prompt_cache, state.cache, tokens,
+                                     position)
     rows = jnp.arange(n)
     slot = jnp.where(live, state.length, max_new)      # out of range: dropped for frozen rows
     length = state.length + live.astype(jnp.int32)
@@ -241,8 +260,8 @@ def categorical(key: Array, logq_all: Array) -> Array:
     return jax.random.categorical(key, logq_all, axis=-1)
 
 
-def rollout(key: Array, lm: LanguageModel, params: Any, state: SequenceState,
-            proposal: Proposal, eos_ids: tuple[int, ...], *, limit: Any = None,
+def rollout(key: Array, lm: LanguageModel, params: Any, prefilled: Prefilled,
+            state: SequenceState, proposal: Proposal, eos_ids: tuple[int, ...], *, limit: Any = None,
             teacher: Array | None = None, cut: Array | None = None,
             sample: Sampler = categorical) -> SequenceState:
     """Append tokens until every row has ended or holds `limit` tokens (default T; may be traced).
@@ -270,7 +289,7 @@ def rollout(key: Array, lm: LanguageModel, params: Any, state: SequenceState,
             forced = teacher[rows, jnp.minimum(s.length, max_new - 1)]
             tokens = jnp.where(s.length < cut, forced, tokens)
         logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
-        return i + 1, append(lm, params, s, tokens, logq, eos_ids, live=live(s))
+        return i + 1, append(lm, params, prefilled, s, tokens, logq, eos_ids, live=live(s))
 
     _, state = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), state))
     return state
@@ -314,7 +333,7 @@ def suffix_mh(key: Array, state: SequenceState,
 
 # ----------------------------------------------------------------------------- results
 def without_cache(state: SequenceState) -> SequenceState:
-    """The state with its cache dropped: what results keep (the cache is N x max_len x layers)."""
+    """The state with its cache dropped: what results keep (the cache is N x max_new_tokens x layers)."""
     return state._replace(cache=None)
 
 

@@ -36,16 +36,17 @@ def generate(key, lm, params, prompts, prompt_lengths, *, max_new_tokens: int,
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     prompts, prompt_lengths = decoding.check_prompts(lm, prompts, prompt_lengths, T)
     eos = decoding.resolve_eos(lm, eos_ids)
-    state = decoding.start(lm, params, prompts, prompt_lengths, max_new_tokens=T, eos_ids=eos)
+    prefilled = decoding.prefill(lm, params, prompts, prompt_lengths)
+    state = decoding.start(lm, prefilled, max_new_tokens=T, eos_ids=eos)
     if temperature == 0.0:
         # the argmax of log p; its proposal is a point mass, so log q = 0 (set once at the end
         # rather than building a one-hot [N, V] table at every step)
-        state = decoding.rollout(key, lm, params, state, lambda s: s.logprobs, eos,
+        state = decoding.rollout(key, lm, params, prefilled, state, lambda s: s.logprobs, eos,
                                  sample=lambda key, logp: jnp.argmax(logp, axis=-1))
         state = state._replace(token_logq=jnp.zeros_like(state.token_logq))
     else:
         state = decoding.rollout(
-            key, lm, params, state,
+            key, lm, params, prefilled, state,
             lambda s: filtered_logprobs(s.logprobs, temperature, top_k, top_p), eos)
     return decoding.without_cache(state)
 

@@ -71,6 +71,8 @@ def mh_power_components(lm, params, prompt, *, alpha: float, max_new_tokens: int
     K = static_int("mh_steps", mh_steps, 0)
     prompt, prompt_length = decoding.check_prompt(lm, prompt, prompt_length, T)
     eos = decoding.resolve_eos(lm, eos_ids)
+    # the prompt runs once, here; every regeneration continues its shared cache
+    prefilled = decoding.prefill(lm, params, prompt[None], prompt_length[None])
 
     def proposal(s: SequenceState) -> Array:          # q = p^alpha / C: temperature 1 / alpha
         return jax.nn.log_softmax(alpha * s.logprobs, axis=-1)
@@ -81,11 +83,12 @@ def mh_power_components(lm, params, prompt, *, alpha: float, max_new_tokens: int
     def regenerate(key, tokens, keep, limit) -> SequenceState:
         """Teacher-force tokens[:, :keep], then sample from q until EOS or `limit` tokens.
 
-        Chains keep no cache: every regeneration starts again from the prompt's."""
-        start = decoding.start(lm, params, prompt[None], prompt_length[None], max_new_tokens=T,
-                               eos_ids=eos, copies=tokens.shape[0])
-        return decoding.without_cache(decoding.rollout(key, lm, params, start, proposal, eos,
-                                                       limit=limit, teacher=tokens, cut=keep))
+        Chains keep no cache: every regeneration starts again from the prompt's (shared)."""
+        start = decoding.start(lm, prefilled, max_new_tokens=T, eos_ids=eos,
+                               copies=tokens.shape[0])
+        return decoding.without_cache(decoding.rollout(
+            key, lm, params, prefilled, start, proposal, eos, limit=limit, teacher=tokens,
+            cut=keep))
 
     def from_tokens(tokens, length, limit: int = T) -> SequenceState:
         """Score given sequences of S_limit (teacher forcing; nothing is sampled)."""
@@ -108,8 +111,8 @@ def mh_power_components(lm, params, prompt, *, alpha: float, max_new_tokens: int
 
     def run(key, num_chains: int) -> MHResult:
         C = static_int("num_chains", num_chains, 1)
-        state = decoding.without_cache(decoding.start(
-            lm, params, prompt[None], prompt_length[None], max_new_tokens=T, eos_ids=eos, copies=C))
+        state = decoding.without_cache(decoding.start(lm, prefilled, max_new_tokens=T,
+                                                      eos_ids=eos, copies=C))
         rates = []
         for limit in range(B, T + B, B):
             key, key_extend, key_moves = jax.random.split(key, 3)

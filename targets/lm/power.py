@@ -48,8 +48,9 @@ a sequence that ends while ``a_t < alpha`` (or ``> alpha``) is raised to the fin
 Finished rows are frozen (`targets.lm.decoding`): no tokens, zero increments. The engine stops
 when every row has finished.
 
-Particles are `decoding.SequenceState` rows; they carry the LM cache, so resampling gathers the KV
-cache with the ancestors.
+Particles are `decoding.SequenceState` rows; each carries the cache of its own tokens, so
+resampling gathers that with the ancestors; the prompt's cache is computed once when the model is
+built and shared by every particle (`decoding.Prefilled`).
 """
 from __future__ import annotations
 
@@ -106,11 +107,12 @@ def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt
     exponent = exponent_schedule(alpha, ramp_length)
     # q_t = p^{a_t} / C_t exactly: the token-independent log C_t form of the weight applies.
     exact_form = proposal_alpha is None and top_k is None and top_p is None
+    # the prompt runs once, here; its cache is shared by the particles, never resampled
+    prefilled = decoding.prefill(lm, params, prompt[None], prompt_length[None])
 
     def init(key, n):
         del key
-        state = decoding.start(lm, params, prompt[None], prompt_length[None], max_new_tokens=T,
-                               eos_ids=eos, copies=n)
+        state = decoding.start(lm, prefilled, max_new_tokens=T, eos_ids=eos, copies=n)
         return state, jnp.zeros((n,), jnp.float32)
 
     def step(key, state: SequenceState, t):
@@ -120,7 +122,7 @@ def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt
         logq_all = filtered_logprobs(state.logprobs, 1.0 / b_t, top_k, top_p)
         tokens, logq, forced = decoding.draw_token(key, state, logq_all, eos, forced_eos)
         lp_token = decoding.token_logprob(state, tokens)
-        new = decoding.append(lm, params, state, tokens, logq, eos)
+        new = decoding.append(lm, params, prefilled, state, tokens, logq, eos)
         if exact_form:
             token_term = logsumexp(a_t * state.logprobs, axis=-1)          # log C_t
             token_term = jnp.where(forced, a_t * lp_token, token_term)

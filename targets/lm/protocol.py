@@ -9,15 +9,19 @@ Every method is a pure function of its array arguments (it jits and vmaps); `par
 model's parameter pytree, kept apart from the model object, which holds only static
 configuration. Shapes (B rows, P prompt positions, V = vocab_size, T = max_len):
 
-- ``init_cache(batch) -> cache``: an empty cache, a pytree whose every leaf has leading axis
-  ``batch`` (so that resampling is ``jax.tree.map(lambda x: x[ancestors], cache)``).
-- ``prefill(params, tokens [B, P] int32, lengths [B] int32) -> (cache, logprobs [B, V] float32)``:
-  runs right-padded prompts (``1 <= lengths <= P``) and returns the next-token log-probabilities
-  after each row's last real token. Cache entries past a row's length are never attended to.
-- ``decode(params, cache, tokens [B] int32, positions [B] int32) -> (cache, logprobs [B, V])``:
-  feeds one token per row at its own position and returns the distribution of the next one. A
-  position ``>= max_len`` writes nothing and its log-probabilities are to be ignored: that is
-  how finished rows are frozen.
+- ``prefill(params, tokens [B, P] int32, lengths [B] int32) -> (prompt_cache, logprobs [B, V]
+  float32)``: runs right-padded prompts (``1 <= lengths <= P``) and returns each prompt's cache
+  (a pytree with leading axis B, stored once and shared by every row that continues the prompt)
+  and the next-token log-probabilities after each row's last real token. Entries past a
+  prompt's length are never attended to.
+- ``init_cache(batch, length) -> cache``: an empty per-row cache for ``length`` generated
+  tokens, a pytree whose every leaf has leading axis ``batch`` (so that resampling is
+  ``jax.tree.map(lambda x: x[ancestors], cache)`` and copies none of the prompt).
+- ``decode(params, prompt_cache, cache, tokens [N] int32, positions [N] int32) -> (cache,
+  logprobs [N, V])``: feeds one token per row at its own position (prompt length + the number of
+  tokens generated before it) and returns the distribution of the next one. N is a multiple of
+  B and row r continues prompt ``r // (N / B)``. A position ``>= max_len`` writes nothing and
+  its log-probabilities are to be ignored: that is how finished rows are frozen.
 - ``vocab_size``: V. ``max_len``: the cache length T (prompt plus generated tokens).
 - ``eos_ids``: a tuple of the token ids that end a sequence, every one of them (a model may have
   several, e.g. ``<|im_end|>`` and ``<|endoftext|>``); ``()`` when it has none. The first is the
@@ -54,12 +58,12 @@ class LanguageModel(Protocol):
     @property
     def bos_id(self) -> int | None: ...
 
-    def init_cache(self, batch: int) -> Cache: ...
+    def init_cache(self, batch: int, length: int) -> Cache: ...
 
     def prefill(self, params: Params, tokens: Array, lengths: Array) -> tuple[Cache, Array]: ...
 
-    def decode(self, params: Params, cache: Cache, tokens: Array, positions: Array
-               ) -> tuple[Cache, Array]: ...
+    def decode(self, params: Params, prompt_cache: Cache, cache: Cache, tokens: Array,
+               positions: Array) -> tuple[Cache, Array]: ...
 
 
 def check_language_model(lm: Any) -> None:

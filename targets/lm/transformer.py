@@ -32,6 +32,8 @@ the need (``max_len`` = prompt + new tokens).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any
 
 import jax
@@ -80,16 +82,32 @@ def project(x, w, *, contract: int = 1, w_out_first: bool = False, dtype=None):
     (210 vs 35 ms); its matrix-matrix product is not.
     """
     lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
-    flat = x.reshape(-1, *inner)
+    size = math.prod(inner)
+    # one 2-D product: XLA:CPU has no bf16 x bf16 -> f32 kernel for several contracted axes
+    flat = x.reshape(-1, size)
+    if w_out_first:
+        out_shape, w2 = w.shape[:-1], w.reshape(-1, size)
+    else:
+        out_shape, w2 = w.shape[contract:], w.reshape(size, -1)
     single = flat.shape[0] == 1 and x.dtype != F32
     if single:
         flat = jnp.concatenate([flat, flat])
-    x_axes = tuple(range(1, 1 + contract))
-    w_axes = (w.ndim - 1,) if w_out_first else tuple(range(contract))
-    out = jax.lax.dot_general(flat, w, ((x_axes, w_axes), ((), ())), preferred_element_type=F32)
+    dims = (((1,), (1,) if w_out_first else (0,)), ((), ()))
+    out = jax.lax.dot_general(flat, w2, dims, preferred_element_type=F32)
     if single:
         out = out[:1]
-    return out.reshape(*lead, *out.shape[1:]).astype(dtype or x.dtype)
+    return out.reshape(*lead, *out_shape).astype(dtype or x.dtype)
+
+
+def softmax_blocks(*scores):
+    """The softmax over the concatenation of score blocks ``[..., T_i]`` (masked entries
+    ``-inf``), returned block by block: one shared maximum and normaliser, i.e. the exact
+    log-sum-exp merge of the blocks' partial softmaxes, without concatenating the keys."""
+    top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = [jnp.exp(s - top) for s in scores]
+    total = sum(jnp.sum(w, axis=-1, keepdims=True) for w in weights)
+    return [w / total for w in weights]
 
 
 def soft_cap(x, cap: float | None):
@@ -112,6 +130,7 @@ class Transformer:
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
     scan_layers: bool = False
+    prefill_chunk: int = 512     # prompt positions per prefill step (memory ~ chunk x prompt)
 
     @property
     def vocab_size(self) -> int:
@@ -201,42 +220,62 @@ class Transformer:
         return soft_cap(logits, self.config.final_logit_softcap)
 
     # ------------------------------------------------------------------ interface
-    def init_cache(self, batch: int):
+    def init_cache(self, batch: int, length: int):
+        """Keys and values of ``length`` generated tokens per row, ``[batch, KV, length, hd]``
+        per layer; the prompt's are in the prompt cache, stored once per prompt (`prefill`)."""
         c = self.config
-        shape = (batch, c.n_kv_heads, self.max_len, c.head_dim)
+        shape = (batch, c.n_kv_heads, length, c.head_dim)
         # one buffer per leaf: a shared one could not be donated twice
         return {name: tuple(jnp.zeros(shape, self.dtype) for _ in range(c.n_layers))
                 for name in ("k", "v")}
 
     def _causal_layers(self, params, tokens):
-        """Run all layers on ``tokens [B, P]`` (positions 0..P-1); returns h and per-layer tuples
-        of keys and values ``[B, P, KV, hd]``."""
+        """All layers on ``tokens [B, P]`` at positions 0..P-1, ``prefill_chunk`` positions at
+        a time: each chunk writes its keys and values into the prompt's buffers and attends to
+        them, so memory grows with chunk x P, not P x P. Returns h ``[B, P, D]`` and per-layer
+        tuples of keys and values ``[B, KV, P, hd]``."""
         c = self.config
         B, P = tokens.shape
-        # rows and positions flattened into one axis: XLA:CPU multiplies a [B*P, D] matrix
-        # about twice as fast as a [B, P, D] array by the same weights
-        h = self._embed(params, tokens.reshape(B * P))
-        positions = jnp.tile(jnp.arange(P), B)
-        ropes = self._rope_pair(positions)
-        query, key = jnp.arange(P)[:, None], jnp.arange(P)[None, :]
-        causal = key <= query
-        window = causal & (key > query - (c.sliding_window or P))
+        C = min(self.prefill_chunk, P)
+        n = -(-P // C)
+        width = n * C
+        chunks = jnp.pad(tokens, ((0, 0), (0, width - P))).reshape(B, n, C).swapaxes(0, 1)
+        key = jnp.arange(width)[None, :]
+        empty = tuple((jnp.zeros((B, c.n_kv_heads, width, c.head_dim), self.dtype),) * 2
+                      for _ in range(c.n_layers))
 
-        def layer(h, lp, sliding, _):
-            cos, sin = pick(sliding, ropes[1], ropes[0])
-            q, k, v = self._qkv(lp, h, cos, sin)
-            q = q.reshape(B, P, c.n_kv_heads, c.group_size, c.head_dim)
-            k = k.reshape(B, P, c.n_kv_heads, c.head_dim)
-            v = v.reshape(B, P, c.n_kv_heads, c.head_dim)
-            s = self._scores(jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=F32))
-            s = jnp.where(pick(sliding, window, causal), s, -jnp.inf)
-            a = jax.nn.softmax(s, axis=-1).astype(self.dtype)
-            o = jnp.einsum("bkgqt,btkd->bqkgd", a, v, preferred_element_type=F32)
-            o = o.reshape(B * P, c.n_kv_heads, c.group_size, c.head_dim).astype(self.dtype)
-            return self._out_ffn(lp, h, o), (k, v)
+        def chunk_step(kv, xs):
+            index, chunk = xs
+            first = index * C
+            query = first + jnp.arange(C)[:, None]
+            causal = key <= query
+            window = causal & (key > query - (c.sliding_window or width))
+            # rows and positions flattened into one axis: XLA:CPU multiplies a [B*C, D] matrix
+            # about twice as fast as a [B, C, D] array by the same weights
+            h = self._embed(params, chunk.reshape(B * C))
+            ropes = self._rope_pair(jnp.tile(query[:, 0], B))
 
-        h, kv = self._over_layers(params["layers"], layer, h, (None,) * c.n_layers)
-        return h.reshape(B, P, -1), tuple(k for k, _ in kv), tuple(v for _, v in kv)
+            def layer(h, lp, sliding, buffers):
+                cos, sin = pick(sliding, ropes[1], ropes[0])
+                q, k, v = self._qkv(lp, h, cos, sin)
+                bk, bv = (jax.lax.dynamic_update_slice_in_dim(
+                    b, x.reshape(B, C, c.n_kv_heads, c.head_dim).swapaxes(1, 2).astype(b.dtype),
+                    first, axis=2) for b, x in zip(buffers, (k, v)))
+                q = q.reshape(B, C, c.n_kv_heads, c.group_size, c.head_dim)
+                s = self._scores(jnp.einsum("bqkgd,bktd->bkgqt", q, bk,
+                                            preferred_element_type=F32))
+                s = jnp.where(pick(sliding, window, causal), s, -jnp.inf)
+                a = jax.nn.softmax(s, axis=-1).astype(self.dtype)
+                o = jnp.einsum("bkgqt,bktd->bqkgd", a, bv, preferred_element_type=F32)
+                o = o.reshape(B * C, c.n_kv_heads, c.group_size, c.head_dim).astype(self.dtype)
+                return self._out_ffn(lp, h, o), (bk, bv)
+
+            h, kv = self._over_layers(params["layers"], layer, h, kv)
+            return kv, h.reshape(B, C, -1)
+
+        kv, h = jax.lax.scan(chunk_step, empty, (jnp.arange(n), chunks))
+        h = h.swapaxes(0, 1).reshape(B, width, -1)[:, :P]
+        return h, tuple(k[:, :, :P] for k, _ in kv), tuple(v[:, :, :P] for _, v in kv)
 
     def forward(self, params, tokens, positions=None):
         """Logits ``[B, P, V]`` after every prefix of ``tokens [B, P]``; with ``positions
@@ -248,43 +287,71 @@ class Transformer:
         return self._logits(params, h)
 
     def prefill(self, params, tokens, lengths):
-        P, T = tokens.shape[1], self.max_len
-        if P > T:
-            raise ValueError(f"prompt length {P} exceeds max_len {T}")
+        """The prompt cache (keys and values ``[B, KV, P, hd]`` per layer and the ``lengths``)
+        and the next-token log-probabilities after each prompt."""
+        if tokens.shape[1] > self.max_len:
+            raise ValueError(f"prompt length {tokens.shape[1]} exceeds max_len {self.max_len}")
         h, ks, vs = self._causal_layers(params, tokens)
-        pad = ((0, 0), (0, 0), (0, T - P), (0, 0))
-        cache = {name: tuple(jnp.pad(x.swapaxes(1, 2), pad) for x in xs)  # [B, KV, T, hd]
-                 for name, xs in (("k", ks), ("v", vs))}
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return cache, jax.nn.log_softmax(self._logits(params, last), axis=-1)
+        prompt_cache = {"k": ks, "v": vs, "length": jnp.asarray(lengths, jnp.int32)}
+        return prompt_cache, jax.nn.log_softmax(self._logits(params, last), axis=-1)
 
-    def decode(self, params, cache, tokens, positions):
+    def decode(self, params, prompt_cache, cache, tokens, positions):
+        """One token per row; row r continues prompt ``r // (N / B)``. Attention runs over the
+        prompt's shared keys and each row's own generated ones, one softmax over both
+        (`softmax_blocks`), so no row holds a copy of its prompt."""
         c = self.config
-        B = tokens.shape[0]
-        T = cache["k"][0].shape[2]
+        N, B = tokens.shape[0], prompt_cache["length"].shape[0]
+        if N % B:
+            raise ValueError(f"{N} rows do not split evenly over {B} prompts")
+        copies = N // B
+        P, T = prompt_cache["k"][0].shape[2], cache["k"][0].shape[2]
+        length = jnp.repeat(prompt_cache["length"], copies, total_repeat_length=N)
+        slot = jnp.where(positions < self.max_len, positions - length, T)  # T: written nowhere
         h = self._embed(params, tokens)
         ropes = self._rope_pair(positions)
-        rows = jnp.arange(B)
-        key = jnp.arange(T)[None, :]
-        causal = key <= positions[:, None]
-        window = causal & (key > positions[:, None] - (c.sliding_window or T))
+        rows = jnp.arange(N)
+        reach = positions[:, None] - (c.sliding_window or self.max_len)  # keys past it: out
+        prompt_key = jnp.arange(P)[None, :]
+        own_key = jnp.arange(T)[None, :]
+        prompt_causal = prompt_key < length[:, None]
+        own_causal = own_key <= slot[:, None]
+        masks = ((prompt_causal & (prompt_key > reach),                  # sliding layers
+                  own_causal & (own_key + length[:, None] > reach)),
+                 (prompt_causal, own_causal))                                 # global layers
 
         def layer(h, lp, sliding, kv):
-            ck, cv = kv  # [B, KV, T, hd]
+            (pk, pv), (ck, cv) = kv  # [B, KV, P, hd] shared; [N, KV, T, hd] per row
             cos, sin = pick(sliding, ropes[1], ropes[0])
             q, k, v = self._qkv(lp, h, cos, sin)
-            ck = ck.at[rows, :, positions].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[rows, :, positions].set(v.astype(cv.dtype), mode="drop")
-            # products with the cache as stored, accumulated in float32: a float32 copy of a
+            ck = ck.at[rows, :, slot].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[rows, :, slot].set(v.astype(cv.dtype), mode="drop")
+            # products with the caches as stored, accumulated in float32: a float32 copy of a
             # bf16 cache was most of a bf16 decode step on XLA:CPU
-            q = q.reshape(B, c.n_kv_heads, c.group_size, c.head_dim).astype(ck.dtype)
-            s = self._scores(jnp.einsum("bkgd,bktd->bkgt", q, ck, preferred_element_type=F32))
-            visible = pick(sliding, window, causal)[:, None, None, :]
-            a = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1).astype(cv.dtype)
-            o = jnp.einsum("bkgt,bktd->bkgd", a, cv, preferred_element_type=F32)
+            q = q.reshape(B, copies, c.n_kv_heads, c.group_size, c.head_dim).astype(ck.dtype)
+            own = lambda x: x.reshape(B, copies, *x.shape[1:])   # [B, copies, KV, T, hd]
+            # a prompt's rows and query heads as one axis m: [B, KV, m, .] products in the
+            # layout every XLA backend has a kernel for (a bf16 one included)
+            rows_first = lambda x: x.reshape(B, c.n_kv_heads, copies, c.group_size,
+                                             x.shape[-1]).swapaxes(1, 2)
+            heads_first = lambda x: x.swapaxes(1, 2).reshape(B, c.n_kv_heads, -1, x.shape[-1])
+            s_prompt = rows_first(jnp.einsum("bkmd,bktd->bkmt", heads_first(q), pk,
+                                             preferred_element_type=F32))
+            s_own = jnp.einsum("bckgd,bcktd->bckgt", q, own(ck), preferred_element_type=F32)
+            visible = pick(sliding, masks[0], masks[1])
+            a_prompt, a_own = softmax_blocks(
+                *(jnp.where(m.reshape(B, copies, 1, 1, -1), self._scores(x), -jnp.inf)
+                  for m, x in zip(visible, (s_prompt, s_own))))
+            o = (rows_first(jnp.einsum("bkmt,bktd->bkmd", heads_first(a_prompt).astype(pv.dtype),
+                                       pv, preferred_element_type=F32))
+                 + jnp.einsum("bckgt,bcktd->bckgd", a_own.astype(cv.dtype), own(cv),
+                              preferred_element_type=F32))
+            o = o.reshape(N, c.n_kv_heads, c.group_size, c.head_dim)
             return self._out_ffn(lp, h, o.astype(self.dtype)), (ck, cv)
 
-        h, kv = self._over_layers(params["layers"], layer, h, tuple(zip(cache["k"], cache["v"])))
+        shared = zip(prompt_cache["k"], prompt_cache["v"])
+        own = zip(cache["k"], cache["v"])
+        h, kv = self._over_layers(params["layers"], layer, h, tuple(zip(shared, own)))
         cache = {"k": tuple(k for k, _ in kv), "v": tuple(v for _, v in kv)}
         return cache, jax.nn.log_softmax(self._logits(params, h), axis=-1)
 

@@ -129,10 +129,11 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     prefix_fn = jax.vmap(potential.prefix)
     complete_fn = jax.vmap(potential.complete)
     num_blocks = -(-T // B)
+    # the prompt runs once, here; its cache is shared by every row, never resampled
+    prefilled = decoding.prefill(lm, params, prompt[None], prompt_length[None])
 
     def start(n: int) -> SequenceState:
-        return decoding.start(lm, params, prompt[None], prompt_length[None], max_new_tokens=T,
-                              eos_ids=eos, copies=n)
+        return decoding.start(lm, prefilled, max_new_tokens=T, eos_ids=eos, copies=n)
 
     def proposal_and_allowed(s: SequenceState) -> tuple[Array, Array]:
         """(log q [N, V], some token allowed [N]) for each row's next token; q ~ p^{1/tau}
@@ -165,7 +166,7 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
         eps exp(prefix) (positive wherever the prefix is)."""
         n = s.length.shape[0]
         copies = jax.tree_util.tree_map(lambda x: jnp.repeat(x, K, axis=0), s)
-        ends = decoding.rollout(key, lm, params, copies, lambda c: c.logprobs, eos)
+        ends = decoding.rollout(key, lm, params, prefilled, copies, lambda c: c.logprobs, eos)
         log_phi = complete_fn(ends.tokens, ends.body_length).reshape(n, K)
         log_psi_hat = logsumexp(log_phi, axis=1) - jnp.log(K)
         return jnp.logaddexp(jnp.log1p(-LOOKAHEAD_FLOOR) + log_psi_hat,
@@ -183,7 +184,7 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
         logq_all, some = proposal_and_allowed(s)
         tokens, logq, _ = decoding.draw_token(key_token, s, logq_all, eos, forced_eos)
         lp_token = decoding.token_logprob(s, tokens)
-        new = decoding.append(lm, params, s, tokens, logq, eos)
+        new = decoding.append(lm, params, prefilled, s, tokens, logq, eos)
         old = s.log_potential
         if K:
             estimate = twist(key_twist, new) if block_end else old
@@ -217,8 +218,8 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
 
     def regenerate(key, tokens, cut, limit) -> SequenceState:
         """Teacher-force tokens[:, :cut], then sample from q until EOS or ``limit`` tokens."""
-        s = decoding.rollout(key, lm, params, start(tokens.shape[0]), proposal, eos, limit=limit,
-                             teacher=tokens, cut=cut)
+        s = decoding.rollout(key, lm, params, prefilled, start(tokens.shape[0]), proposal, eos,
+                             limit=limit, teacher=tokens, cut=cut)
         return s._replace(log_potential=potential_of(s))
 
     def from_tokens(tokens, length, limit) -> SequenceState:

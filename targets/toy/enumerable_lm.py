@@ -61,9 +61,9 @@ class EnumerableLM:
         return {"table": jax.nn.log_softmax(logits, axis=-1)}
 
     # --------------------------------------------------------------- interface
-    def init_cache(self, batch: int):
-        return {"prev": jnp.full((batch,), self.bos_id, jnp.int32),
-                "start": jnp.zeros((batch,), jnp.int32)}
+    def init_cache(self, batch: int, length: int):
+        del length  # the chain needs only the previous token
+        return {"prev": jnp.full((batch,), self.bos_id, jnp.int32)}
 
     def _dist(self, params, j, prev):
         j = jnp.clip(j, 0, self.max_new - 1)
@@ -71,15 +71,17 @@ class EnumerableLM:
 
     def prefill(self, params, tokens, lengths):
         prev = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0].astype(jnp.int32)
-        cache = {"prev": prev, "start": lengths.astype(jnp.int32)}
-        return cache, self._dist(params, jnp.zeros_like(prev), prev)
+        prompt_cache = {"length": lengths.astype(jnp.int32)}
+        return prompt_cache, self._dist(params, jnp.zeros_like(prev), prev)
 
-    def decode(self, params, cache, tokens, positions):
+    def decode(self, params, prompt_cache, cache, tokens, positions):
+        n = tokens.shape[0]
+        start = jnp.repeat(prompt_cache["length"], n // prompt_cache["length"].shape[0],
+                           total_repeat_length=n)
         write = positions < self.max_len
         prev = jnp.where(write, tokens.astype(jnp.int32), cache["prev"])
-        cache = {"prev": prev, "start": cache["start"]}
-        j = positions + 1 - cache["start"]  # index of the token this distribution is for
-        return cache, self._dist(params, j, prev)
+        j = positions + 1 - start  # index of the token this distribution is for
+        return {"prev": prev}, self._dist(params, j, prev)
 
     # --------------------------------------------------------------- exact answers
     def sequences(self) -> list[tuple[int, ...]]:
