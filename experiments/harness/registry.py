@@ -54,7 +54,8 @@ MODULES: list[str] = ["experiments.suites.toys", "experiments.suites.fkc",
                       "experiments.suites.digits.experiment",
                       "experiments.benchmarks.resampling", "experiments.benchmarks.tempering",
                       "experiments.benchmarks.overhead", "experiments.benchmarks.fkc",
-                      "experiments.benchmarks.power", "experiments.benchmarks.decode"]
+                      "experiments.benchmarks.power", "experiments.benchmarks.decode",
+                      "experiments.benchmarks.prompt_cache"]
 
 RunFn = Callable[..., dict]
 PlotFn = Callable[[list, Any], list]
