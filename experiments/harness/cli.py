@@ -1,16 +1,18 @@
 """The command line: `python -m experiments {list,run,sweep,report,demo,bench} ...` (see --help).
 
 Exit status: 0 on success; 1 if a run failed or results could not be read or written; 2 for a
-usage error (unknown experiment, bad key or value, bad file); 130 when interrupted.
+usage error (unknown experiment, bad key or value, bad file); 130 when interrupted. With
+--distributed, a process whose peer died is ended by JAX itself (SIGABRT; smc.multihost).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from experiments.harness import config as config_lib
@@ -27,6 +29,9 @@ examples:
       --out results/lgssm.jsonl                         # rerun the same command to resume
   python -m experiments report results/lgssm.jsonl --out results/lgssm
   python -m experiments demo
+  JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 \\
+      python -m experiments sweep lgssm --grid num_particles=4096,16384 --distributed
+                                                        # and JAX_PROCESS_ID=1 on the other host
   python -m experiments bench decode --repeats 3       # one benchmark (`bench decode -h`)
   python -m experiments bench --all --readme README.md  # every benchmark, into the README
 
@@ -61,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                        "(key = value); key=value arguments override it")
         p.add_argument("--no-mesh", action="store_true",
                        help="do not shard particles over several devices")
+        p.add_argument("--distributed", action="store_true",
+                       help="one of several processes (hosts) that run the same command as one "
+                       "device pool: jax.distributed from JAX_COORDINATOR_ADDRESS, "
+                       "JAX_NUM_PROCESSES and JAX_PROCESS_ID (smc.multihost); process 0 alone "
+                       "writes and prints")
 
     p = sub.add_parser("run", help="run one configuration (for one or several seeds)")
     common(p)
@@ -143,7 +153,6 @@ def _file_values(path: str | None) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> int:
     from experiments.harness import console, report, runner
-    from experiments.harness.store import ResultStore
 
     experiment = registry.get(args.name)
     seeds = runner.parse_seeds(args.seeds) if args.seeds else runner.parse_seeds(str(args.seed))
@@ -152,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     changed = {k: v for k, v in config_lib.as_dict(config).items()
                if v != getattr(experiment.config_type(), k)}
     term = console.out()
-    with ResultStore(args.out) if args.out else contextlib.nullcontext() as store:
+    with runner.writer_store(args.out, points, args.distributed) as (store, _):
         term.print(f"{experiment.name}: " + (" ".join(f"{k}={v}" for k, v in changed.items())
                                             or "defaults") + f"; seeds {_seed_text(seeds)}",
                    soft_wrap=True)
@@ -169,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
             outcome = runner.sweep(
                 points, None, on_start=lambda p: progress.start(f"seed={p.seed}"),
                 on_done=done, on_fail=lambda p, e: progress.fail(f"seed={p.seed}", e),
-                use_mesh=not args.no_mesh)
+                use_mesh=not args.no_mesh, done=(), stop_on_failure=args.distributed)
     if outcome.records:
         metrics = [*report.scalar_metrics(outcome.records), "wall_time_s"]
         tab = report.table(outcome.records, metrics)
@@ -236,7 +245,6 @@ def _grid_file(path: str | None) -> tuple[dict, dict, list | None]:
 
 def _sweep(args: argparse.Namespace) -> int:
     from experiments.harness import console, report, runner
-    from experiments.harness.store import ResultStore
 
     experiment = registry.get(args.name)
     grid, fixed, file_seeds = _grid_file(args.grid_file)
@@ -245,8 +253,7 @@ def _sweep(args: argparse.Namespace) -> int:
     seeds = runner.parse_seeds(args.seeds) if args.seeds else (file_seeds or [0])
     points = runner.expand(experiment, fixed, args.overrides, grid, seeds)
     out = pathlib.Path(args.out or pathlib.Path("results") / f"{experiment.name}.jsonl")
-    with ResultStore(out) as store:
-        done = store.ids
+    with runner.writer_store(out, points, args.distributed) as (store, done):
         remaining = sum(p.id not in done for p in points)
         term = console.out()
         configs = len({p.id for p in points}) // max(len(seeds), 1)
@@ -261,16 +268,18 @@ def _sweep(args: argparse.Namespace) -> int:
                 on_done=lambda p, r: progress.done(p.label(keys),
                                                    console.note(r, _note_metrics(experiment))),
                 on_fail=lambda p, e: progress.fail(p.label(keys), e),
-                use_mesh=not args.no_mesh)
+                use_mesh=not args.no_mesh, done=done, stop_on_failure=args.distributed)
         wanted = {p.id for p in points}
-        records = [r for r in store.records() if r.get("id") in wanted]
+        records = [r for r in store.records() if r.get("id") in wanted] if store else []
     if records:
         console.print_table(report.table(records), f"{experiment.name} (mean ± std over seeds)",
                             term)
     term.print(f"{len(outcome.records)} run, {outcome.skipped} skipped (already in {out}), "
                f"{len(outcome.failures)} failed; {time.perf_counter() - start:.1f} s")
     if outcome.failures:
-        term.print("rerun the same command to retry the failed points")
+        term.print(("a distributed sweep stops at its first failure (its processes must run "
+                    "the same points in step); " if args.distributed else "")
+                   + "rerun the same command to retry the failed points")
     return 1 if outcome.failures else 0
 
 
@@ -315,6 +324,36 @@ def _bench(args: argparse.Namespace) -> int:
     raise ConfigError(text)
 
 
+def _join_processes() -> bool:
+    """`--distributed`: join the other processes before anything touches a JAX device (the
+    experiments' modules included); True in the processes that stay silent (all but 0)."""
+    import smc.multihost
+
+    try:
+        smc.multihost.initialize()
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"--distributed: {error}") from None
+    return not smc.multihost.is_writer()
+
+
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """No output from this process (a process other than 0 of a distributed run): process 0
+    prints the same progress and tables. Errors are still printed, by main(), and so are JAX's
+    own messages on stderr (a peer that died). Standard output is closed at the descriptor too:
+    the collectives library prints connection notes there."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), \
+                contextlib.redirect_stderr(sink):
+            os.dup2(sink.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, options = parser.parse_known_args(argv)
@@ -322,8 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(options)}")
     args.options = options
     try:
+        quiet = _join_processes() if getattr(args, "distributed", False) else False
         registry.load(args.imports)
-        return args.handler(args)
+        with _silenced() if quiet else contextlib.nullcontext():
+            return args.handler(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

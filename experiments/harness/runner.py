@@ -4,31 +4,39 @@ A record is what one line of a results file holds:
 
     {"id": "<16 hex>", "experiment": "lgssm", "config": {...}, "seed": 0, "metrics": {...},
      "wall_time_s": ..., "compile_time_s": ..., "run_time_s": ..., "mesh_devices": 1,
-     "device": {"platform": "cpu", "kind": "cpu", "count": 1}, "versions": {...},
+     "device": {"platform": "cpu", "kind": "cpu", "count": 1, "processes": 1}, "versions": {...},
      "git": "<commit or null>", "host": "...", "finished_at": "2025-...Z"}
 
 When JAX sees several devices and the particle count divides, the runner hands the experiment a
 `Mesh(jax.devices(), ("particles",))`, so particles are sharded with no change to its code.
+
+Several processes (`--distributed`, `smc.multihost`): every process runs every point, on a mesh
+over all their devices (`device.count` counts them all, `device.processes` the processes);
+process 0 alone holds the results file, and its ids decide for all which points are done
+(`writer_store`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import functools
+import hashlib
 import itertools
 import math
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any, NamedTuple
 
 from experiments.harness import config as config_lib
 from experiments.harness import timing
 from experiments.harness.registry import Experiment, Plan
-from experiments.harness.store import ResultStore, point_id
+from experiments.harness.store import ResultStore, StoreError, point_id
 
 MAX_SEED = 2**32 - 1
 MAX_SEEDS = 100_000  # seeds one --seeds may name (each is a run)
@@ -226,13 +234,16 @@ def sweep(points: Sequence[Point], store: ResultStore | None,
           on_start: Callable[[Point], None] = lambda p: None,
           on_done: Callable[[Point, dict], None] = lambda p, r: None,
           on_fail: Callable[[Point, BaseException], None] = lambda p, e: None,
-          use_mesh: bool = True) -> SweepOutcome:
+          use_mesh: bool = True, done: Collection[str] | None = None,
+          stop_on_failure: bool = False) -> SweepOutcome:
     """Run every point not yet in `store`, appending each record as soon as it finishes.
 
-    A point that raises is reported through `on_fail` and the sweep goes on; KeyboardInterrupt
-    stops it (every finished point is already saved).
+    A point that raises is reported through `on_fail` and the sweep goes on (with
+    `stop_on_failure`, it stops there); KeyboardInterrupt stops it (every finished point is
+    already saved). done: ids to skip (default: the store's; see `shared_done` for several
+    processes, where only process 0 has a store).
     """
-    done = store.ids if store is not None else set()
+    done = (store.ids if store is not None else set()) if done is None else set(done)
     todo = [p for p in points if p.id not in done]
     outcome = SweepOutcome([], len(points) - len(todo), [])
     for point in todo:
@@ -244,6 +255,8 @@ def sweep(points: Sequence[Point], store: ResultStore | None,
         except Exception as error:  # noqa: BLE001 - reported, the sweep goes on
             outcome.failures.append((point, error))
             on_fail(point, error)
+            if stop_on_failure:
+                break
             continue
         if store is not None and not store.append(record):
             outcome.skipped += 1  # already there: another record of this point was kept
@@ -251,6 +264,70 @@ def sweep(points: Sequence[Point], store: ResultStore | None,
         outcome.records.append(record)
         on_done(point, record)
     return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (`--distributed`): every process computes, process 0 alone writes
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def writer_store(path: str | os.PathLike | None, points: Sequence[Point],
+                 distributed: bool = False) -> Iterator[tuple[ResultStore | None, set[str]]]:
+    """(store, ids of `points` already done) for a results file at `path` (None: no file).
+
+    With several processes only process 0 opens the file (others may not even see it), and
+    `shared_done` hands its ids to all, so every process skips the same points and they run the
+    rest in the same order. A file process 0 cannot open fails every process, not just it.
+    """
+    if not distributed:
+        with ResultStore(path) if path else contextlib.nullcontext() as store:
+            yield store, (store.ids if store is not None else set())
+        return
+    import jax
+
+    store, failure = None, None
+    if path and jax.process_index() == 0:
+        try:
+            store = ResultStore(path)
+        except StoreError as error:
+            failure = error
+    try:
+        done = shared_done(points, store, failed=failure is not None)
+        if failure is not None:
+            raise failure
+        yield store, done
+    finally:
+        if store is not None:
+            store.close()
+
+
+def shared_done(points: Sequence[Point], store: ResultStore | None,
+                failed: bool = False) -> set[str]:
+    """Ids of `points` in process 0's `store`, the same set in every process.
+
+    Process 0 broadcasts (`jax.experimental.multihost_utils`) whether it has its store, then
+    which points are done; in between every process checks that all hold the same points, so
+    processes started with other command lines all stop with a ConfigError instead of running
+    out of step. `failed`: process 0 could not open its store (every process raises StoreError).
+    """
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if not multihost_utils.broadcast_one_to_all(np.array([0 if failed else 1], np.int32))[0]:
+        raise StoreError(errno.EIO, "process 0 cannot open the results file (see its error)")
+    ids = [p.id for p in points]
+    # 28 bits of a hash of the ids: an int32, the widest integer JAX keeps without x64.
+    fingerprint = int(hashlib.sha256(",".join(ids).encode()).hexdigest()[:7], 16)
+    try:
+        multihost_utils.assert_equal(np.array([len(ids), fingerprint], np.int32))
+    except AssertionError:
+        raise config_lib.ConfigError(
+            "the processes of this distributed run hold different points (configs or seeds): "
+            "every process must run the same command") from None
+    in_store = store.ids if store is not None else set()
+    mask = multihost_utils.broadcast_one_to_all(np.array([i in in_store for i in ids], np.int32))
+    return {i for i, flag in zip(ids, mask) if flag}
 
 
 def parse_seeds(text: str) -> list[int]:
