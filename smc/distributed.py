@@ -20,8 +20,21 @@ Array = jax.Array
 
 
 def particle_sharding(mesh: Mesh, axis_name: str) -> NamedSharding:
-    """Shard the leading (particle) axis over `axis_name`, replicate the rest."""
+    """The leading (particle) axis over `axis_name` (for the particles: `constrain_particles`)."""
     return NamedSharding(mesh, PartitionSpec(axis_name))
+
+
+def constrain_particles(tree: Any, sharding: NamedSharding) -> Any:
+    """Constrain only the leading axis of every leaf to `sharding`'s; its other axes are left
+    to XLA (`PartitionSpec.UNCONSTRAINED`), so that an axis the model shards stays sharded (a
+    KV cache's heads over a "model" axis): a plain spec would replicate them, i.e. all-gather
+    the cache at every step."""
+    def constrain(leaf: Array) -> Array:
+        rest = [PartitionSpec.UNCONSTRAINED] * (jnp.ndim(leaf) - len(sharding.spec))
+        spec = PartitionSpec(*sharding.spec, *rest)
+        return jax.lax.with_sharding_constraint(leaf, NamedSharding(sharding.mesh, spec))
+
+    return jax.tree_util.tree_map(constrain, tree)
 
 
 def num_shards(mesh: Mesh, axis_name: str, num_particles: int) -> int:

@@ -306,7 +306,8 @@ def run(
     needed = memory.estimate_bytes(model, num_particles, record_ancestors=record_ancestors,
                                    summary=summary, particles=shapes.particles,
                                    log_weight_dtype=dtype) // devices
-    memory.check_fits(needed, None if mesh is None else mesh.devices.flat[0])
+    # a device of this process: another host's cannot be asked for its memory
+    memory.check_fits(needed, None if mesh is None else mesh.local_devices[0])
     options = {"resampling": resampling, "ess_threshold": ess_threshold,
                "record_ancestors": record_ancestors, "summary": summary, "dtype": dtype}
     if islands:
@@ -442,4 +443,4 @@ def _zeros_like(shapes: PyTree) -> PyTree:
 def _constrainer(sharding: Any) -> Callable[[PyTree], PyTree]:
     if sharding is None:
         return lambda tree: tree
-    return lambda tree: jax.lax.with_sharding_constraint(tree, sharding)
+    return lambda tree: distributed.constrain_particles(tree, sharding)

@@ -145,9 +145,12 @@ def redraw_weights(model, seed: int):
                 p.copy_(normal(p) / p.shape[1] ** 0.5)
 
 
-def build_tiny(arch: str, folder, dtype: str = "float32", seed: int = 0) -> Path:
+def build_tiny(arch: str, folder, dtype: str = "float32", seed: int = 0,
+               kv_heads: int | None = None) -> Path:
     """Write a tiny random `arch` model folder (one of `ARCHS`) with weights stored in `dtype`
-    ("float32" or "bfloat16"); returns the folder."""
+    ("float32" or "bfloat16"); returns the folder. `kv_heads`: that many KV heads instead of
+    the spec's, each with the spec's number of query heads (e.g. for a split over devices);
+    an architecture without an explicit head_dim then has smaller heads."""
     import torch
     import transformers
 
@@ -156,6 +159,9 @@ def build_tiny(arch: str, folder, dtype: str = "float32", seed: int = 0) -> Path
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     config_class, options, add_bos, eos_ids = SPECS[arch]
+    if kv_heads is not None:
+        group = options["num_attention_heads"] // options["num_key_value_heads"]
+        options = dict(options, num_key_value_heads=kv_heads, num_attention_heads=kv_heads * group)
     folder = Path(folder)
     config = getattr(transformers, config_class)(
         **options, max_position_embeddings=MAX_POSITIONS, pad_token_id=PAD,

@@ -55,10 +55,8 @@ def launch(argv: list[str], timeout: float, extra_env: dict | None = None) -> li
             env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                        XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4",
                        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                       JAX_PROCESS_ID=str(index),
-                       # engine.run's memory check asks mesh.devices.flat[0], a device of
-                       # process 0, for its memory: refused in process 1 (reported to the lead).
-                       SMC_SKIP_MEMORY_CHECK="1")
+                       JAX_PROCESS_ID=str(index))
+            env.pop("SMC_SKIP_MEMORY_CHECK", None)  # the engine's memory check runs on each host
             env.update(extra_env or {})
             out, err = (stack.enter_context(open(os.path.join(logs, f"{index}.{kind}"), "w+"))
                         for kind in ("out", "err"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 
 from smc.optional import require
 from smc.validation import static_bool, static_int
-from targets.lm import gguf_loader, hf_loader
+from targets.lm import gguf_loader, hf_loader, sharding
 from targets.lm.tokenizer import Tokenizer
 from targets.lm.transformer import Transformer, cast_params
 
@@ -67,7 +68,13 @@ def load(source: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
     ("smollm2-135m", "gemma3-270m"), or None for SmolLM2-135M-Instruct. ``dtype``: float32 or
     bfloat16 parameters and activations (norm statistics, softmax and log-probabilities stay
     float32). ``max_len``: the KV cache length (prompt plus generated tokens), at most the
-    model's context length. ``mesh``: parameters placed on every device of the mesh.
+    model's context length. ``mesh``: a `jax.sharding.Mesh` with axes among ``("particles",
+    "model")``; the parameters are split over ``"model"`` for tensor parallelism (attention by
+    KV heads, the MLP by hidden units, the vocabulary; `targets.lm.sharding`) and replicated over
+    ``"particles"``; without a ``"model"`` axis every device holds them whole. A group whose
+    dimension the ``"model"`` axis does not divide is replicated, with a
+    `targets.lm.sharding.ReplicatedWarning` saying which (``sharding.layout(model.config, mesh)``
+    describes the placement without loading).
     ``scan_layers``: compile the layer loop as a scan (quick to compile, slower to run).
 
     The model's ``eos_ids`` are the tokenizer's: every id that ends a sequence (a folder's
@@ -76,8 +83,7 @@ def load(source: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
     dtype = resolve_dtype(dtype)
     max_len = static_int("max_len", max_len, 1)
     scan_layers = static_bool("scan_layers", scan_layers)
-    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    mesh = sharding.check_mesh(mesh)
     path = resolve_source(source)
     if path.is_dir():
         config, tokenizer = hf_loader.read_config(path), Tokenizer.from_folder(path)
@@ -97,6 +103,10 @@ def load(source: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
                         bos_id=tokenizer.bos_id, eos_ids=tuple(tokenizer.eos_ids))
     params = cast_params(weights, config, dtype)
     if mesh is not None:
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        params = jax.device_put(params, replicated)
+        model, params, placed = sharding.shard(model, params, mesh)
+        if placed.replicated:
+            # a warning rather than a fourth return value: every caller unpacks three, and a
+            # sweep's log or a notebook shows it where a returned description would go unread
+            warnings.warn(f"{path.name}: {placed.describe()}", sharding.ReplicatedWarning,
+                          stacklevel=2)
     return model, params, tokenizer
