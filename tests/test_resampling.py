@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from smc import resampling
 
@@ -242,3 +243,107 @@ def test_infinite_log_weights_share_every_draw_unbiasedly(scheme: str) -> None:
         counts = (ancestors[:, :, None] == np.arange(N)).sum(axis=1)
         assert np.all(counts.sum(axis=1) == m)
         assert_unbiased(counts, m * share)
+
+
+# --- grids with a short last row, SSP against its sequential definition, large N -------------
+# The schemes walk the particles in `traversal_order(N)`, a grid of R columns plus a short last
+# row; N = 16 fills the grid exactly, so these cover the short row (N = 37: a 4 x 9 grid + 1).
+
+WEIGHTS_37 = np.random.default_rng(37).uniform(0.2, 3.0, 37)
+WEIGHTS_37[[3, 36]] = 0.0  # dead particles, one in the short last row
+LOG_WEIGHTS_37 = jnp.log(jnp.asarray(WEIGHTS_37, dtype=jnp.float32))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_unbiased_with_a_short_last_row(scheme: str) -> None:
+    fn = resampling.get(scheme)
+    w = WEIGHTS_37 / WEIGHTS_37.sum()
+    ancestors = np.asarray(jax.jit(jax.vmap(lambda k: fn(k, LOG_WEIGHTS_37)))(KEYS))
+    counts = (ancestors[:, :, None] == np.arange(37)).sum(axis=1)
+    assert np.all(counts.sum(axis=1) == 37) and np.all(counts[:, WEIGHTS_37 == 0] == 0)
+    assert_unbiased(counts, 37 * w)
+    if scheme in ("systematic", "ssp"):
+        assert np.all((counts == np.floor(37 * w)) | (counts == np.ceil(37 * w)))
+
+
+def _sequential_ssp_law(x: np.ndarray, order: np.ndarray) -> dict[tuple, float]:
+    """Exact law of the offspring counts of the sequential SSP (Gerber, Chopin and Whiteley 2019,
+    Section 5) on expected counts x, walking the particles in `order`: every branch enumerated."""
+    whole, frac = np.floor(x), x - np.floor(x)
+    laws = {(order[0], frac[order[0]], ()): 1.0}  # (carrier, carried fraction, resolved bits)
+    for k in order[1:]:
+        nxt = {}
+        for (p, a, bits), prob in laws.items():
+            b = frac[k]
+            up, down = min(1 - a, b), min(a, 1 - b)  # raise a by up (w.p. down / (up + down))
+            branches = ([(down / (up + down), a + up, b - up), (up / (up + down), a - down,
+                                                                  b + down)]
+                        if up + down > 0 else [(1.0, a, b)])
+            for q, a_new, b_new in branches:
+                if q == 0:
+                    continue
+                if np.isclose(a_new, 0) or np.isclose(a_new, 1):  # p resolved, k carries
+                    state = (k, b_new, bits + ((p, round(a_new)),))
+                else:  # k resolved, p carries
+                    state = (p, a_new, bits + ((k, round(b_new)),))
+                nxt[state] = nxt.get(state, 0.0) + prob * q
+        laws = nxt
+    out = {}
+    for (p, a, bits), prob in laws.items():
+        counts = whole.copy()
+        for i, bit in bits + ((p, round(a)),):
+            counts[i] += bit
+        key = tuple(counts.astype(int))
+        out[key] = out.get(key, 0.0) + prob
+    return out
+
+
+def test_ssp_matches_the_sequential_process_exactly() -> None:
+    # The vectorised SSP (carrier moves drawn independently) must have the sequential process's
+    # joint law, not only its marginals. 6 particles: 2^5 branches, 20000 draws, chi-square over
+    # the outcomes against the 1 - 1e-6 quantile.
+    weights = np.array([0.7, 1.3, 0.45, 2.1, 0.9, 0.55])
+    x = 6 * weights / weights.sum()
+    law = _sequential_ssp_law(x, resampling.traversal_order(6))
+    keys = jax.random.split(jax.random.key(6), 20_000)
+    log_weights = jnp.log(jnp.asarray(weights, jnp.float32))
+    ancestors = np.asarray(jax.jit(jax.vmap(lambda k: resampling.ssp(k, log_weights)))(keys))
+    counts = (ancestors[:, :, None] == np.arange(6)).sum(axis=1)
+    seen = {}
+    for row in map(tuple, counts):
+        seen[row] = seen.get(row, 0) + 1
+    assert set(seen) <= set(law), set(seen) - set(law)
+    outcomes = sorted(law)
+    expected = np.array([law[o] for o in outcomes]) * len(keys)
+    observed = np.array([seen.get(o, 0) for o in outcomes])
+    big = expected >= 5
+    observed = np.append(observed[big], observed[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    chi2 = ((observed - expected) ** 2 / np.maximum(expected, 1e-12)).sum()
+    assert chi2 < stats.chi2.isf(1e-6, df=len(expected) - 1), (chi2, len(expected))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_large_n_counts_are_valid(scheme: str) -> None:
+    # N = 100003 (prime: a short last row), a fifth of the particles dead, weights over 12 orders
+    # of magnitude: counts sum to M, dead particles get none, indices stay in range.
+    n = 100_003
+    log_weights = 4.0 * jax.random.normal(jax.random.key(0), (n,))
+    dead = jax.random.uniform(jax.random.key(1), (n,)) < 0.2
+    log_weights = jnp.where(dead, -jnp.inf, log_weights)
+    ancestors = np.asarray(resampling.get(scheme)(jax.random.key(2), log_weights))
+    assert ancestors.shape == (n,) and ancestors.min() >= 0 and ancestors.max() < n
+    counts = np.bincount(ancestors, minlength=n)
+    assert counts.sum() == n and counts[np.asarray(dead)].sum() == 0
+    if scheme in ("systematic", "ssp"):
+        expected = n * np.asarray(jax.nn.softmax(log_weights), np.float64)
+        # float32 cumulative weights: within one of floor/ceil (the README states the precision)
+        assert np.all(np.abs(counts - expected) < 1.0 + 1e-3 * np.maximum(expected, 1))
+
+
+def test_traversal_order_is_a_permutation_and_even_weights_keep_every_slot() -> None:
+    for n in [1, 2, 6, 37, 1000]:
+        order = resampling.traversal_order(n)
+        np.testing.assert_array_equal(np.sort(order), np.arange(n))
+        ancestors = resampling.systematic(jax.random.key(0), jnp.zeros(n))
+        np.testing.assert_array_equal(ancestors, np.arange(n))
