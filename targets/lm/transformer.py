@@ -350,8 +350,8 @@ class Transformer:
             return self._out_ffn(lp, h, o.astype(self.dtype)), (ck, cv)
 
         shared = zip(prompt_cache["k"], prompt_cache["v"])
-        own = zip(cache["k"], cache["v"])
-        h, kv = self._over_layers(params["layers"], layer, h, tuple(zip(shared, own)))
+        per_row = zip(cache["k"], cache["v"])
+        h, kv = self._over_layers(params["layers"], layer, h, tuple(zip(shared, per_row)))
         cache = {"k": tuple(k for k, _ in kv), "v": tuple(v for _, v in kv)}
         return cache, jax.nn.log_softmax(self._logits(params, h), axis=-1)
 
