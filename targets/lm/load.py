@@ -74,7 +74,8 @@ def load(source: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
     ``"particles"``; without a ``"model"`` axis every device holds them whole. A group whose
     dimension the ``"model"`` axis does not divide is replicated, with a
     `targets.lm.sharding.ReplicatedWarning` saying which (``sharding.layout(model.config, mesh)``
-    describes the placement without loading).
+    describes the placement without loading). When the attention is split the model is a
+    `targets.lm.sharding.ShardedTransformer`, whose KV caches keep their heads split too.
     ``scan_layers``: compile the layer loop as a scan (quick to compile, slower to run).
 
     The model's ``eos_ids`` are the tokenizer's: every id that ends a sequence (a folder's
@@ -105,8 +106,7 @@ def load(source: str | os.PathLike | None = None, *, dtype: Any = jnp.float32,
     if mesh is not None:
         model, params, placed = sharding.shard(model, params, mesh)
         if placed.replicated:
-            # a warning rather than a fourth return value: every caller unpacks three, and a
-            # sweep's log or a notebook shows it where a returned description would go unread
+            # a warning, not a fourth return value (targets.lm.sharding's docstring says why)
             warnings.warn(f"{path.name}: {placed.describe()}", sharding.ReplicatedWarning,
                           stacklevel=2)
     return model, params, tokenizer

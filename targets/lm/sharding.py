@@ -13,7 +13,7 @@ a dimension worth splitting puts it over ``"model"``, in three groups (the layou
   column-then-row split: the gate, up and activation are local, ``w_down``'s sum over F is one
   all-reduce);
 - vocabulary: axis V of ``embed [V, D]`` and ``lm_head [D, V]``, the largest matrices of a small
-  model (SmolLM2's embedding is 28% of its weights); the log-softmax over V then reduces across
+  model (SmolLM2's embedding is 21% of its weights); the log-softmax over V then reduces across
   devices.
 
 Everything else (norms, ``bo``, and everything when the mesh has no ``"model"`` axis) is
@@ -23,8 +23,15 @@ padding would change the model. SmolLM2-135M has 3 KV heads, so on ``model`` = 2
 attention is replicated while its MLP (1536 units) and vocabulary (49152) are split. `layout`
 says which groups are split and which replicated (and why) before anything is placed;
 `targets.lm.load` warns with `ReplicatedWarning` when a group is replicated on a ``"model"``
-axis of more than one device. XLA partitions the computation from the parameters' shardings
-(`jax.device_put` with `NamedSharding`); there is no hand-written communication.
+axis of more than one device (a warning rather than a fourth return value: every caller unpacks
+three, and a sweep's log or a notebook shows it).
+
+XLA partitions the computation from the parameters' shardings (`jax.device_put` with
+`NamedSharding`); there is no hand-written communication. One hint is needed: the KV caches
+(per row ``[N, KV, T, hd]`` and the prompt's ``[B, KV, P, hd]``) keep their heads over
+``"model"`` only when pinned there (`ShardedTransformer`, which `shard` and `load` return when
+the attention is split), and the SMC engine constrains only the particle axis of its particles,
+so the pinned heads stay split through resampling.
 """
 from __future__ import annotations
 
@@ -181,10 +188,11 @@ class ShardedTransformer(Transformer):
 
 def shard(model: Transformer, params: Any, mesh: Mesh) -> tuple[Transformer, Any, Layout]:
     """``(model, params, layout)`` on `mesh`: the parameters placed by `shard_params`; the
-    model a `ShardedTransformer` when its attention is split (else `model` itself)."""
+    model a `ShardedTransformer` when its attention is split (else a plain `Transformer`)."""
     params, plan = shard_params(params, model.config, mesh)
     where = cache_sharding(mesh, plan)
-    if where is not None:
-        fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
-        model = ShardedTransformer(**dict(fields, cache_sharding=where))
+    if where is not None or isinstance(model, ShardedTransformer):
+        fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(Transformer)}
+        model = (Transformer(**fields) if where is None
+                 else ShardedTransformer(**fields, cache_sharding=where))
     return model, params, plan
