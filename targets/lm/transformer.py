@@ -83,16 +83,18 @@ def project(x, w, *, contract: int = 1, w_out_first: bool = False, dtype=None):
     """
     lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
     size = math.prod(inner)
-    # one 2-D product: XLA:CPU has no bf16 x bf16 -> f32 kernel for several contracted axes
+    # one contracted axis: XLA:CPU has no bf16 x bf16 -> f32 kernel for several
     flat = x.reshape(-1, size)
     if w_out_first:
         out_shape, w2 = w.shape[:-1], w.reshape(-1, size)
     else:
-        out_shape, w2 = w.shape[contract:], w.reshape(size, -1)
+        # merge only the contracted axes: merging w_gate_up's [2, F] would cut the blocks of F
+        # that a "model" mesh axis holds, and XLA would gather the whole weight every layer
+        out_shape, w2 = w.shape[contract:], w.reshape(size, *w.shape[contract:])
     single = flat.shape[0] == 1 and x.dtype != F32
     if single:
         flat = jnp.concatenate([flat, flat])
-    dims = (((1,), (1,) if w_out_first else (0,)), ((), ()))
+    dims = (((1,), (w2.ndim - 1,) if w_out_first else (0,)), ((), ()))
     out = jax.lax.dot_general(flat, w2, dims, preferred_element_type=F32)
     if single:
         out = out[:1]
