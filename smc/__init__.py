@@ -6,7 +6,7 @@
 """
 from smc import memory, resampling, tempering, weights
 from smc.engine import SMCResult, SMCState, run
-from smc.feynman_kac import FeynmanKac
+from smc.feynman_kac import FeynmanKac, stack_groups
 
-__all__ = ["FeynmanKac", "SMCResult", "SMCState", "memory", "resampling", "run", "tempering",
-           "weights"]
+__all__ = ["FeynmanKac", "SMCResult", "SMCState", "memory", "resampling", "run", "stack_groups",
+           "tempering", "weights"]

@@ -28,7 +28,11 @@ Summary = Callable[[PyTree, Array], PyTree]
 
 
 class SMCState(NamedTuple):
-    """particles (leading axis N), log_weights [N], log_evidence scalar (running log Z_hat)."""
+    """particles (leading axis N), log_weights [N], log_evidence scalar (running log Z_hat).
+
+    Inside a run of G groups (`FeynmanKac.groups`): particles and log_weights [G * N], group
+    after group, and log_evidence [G].
+    """
 
     particles: PyTree
     log_weights: Array
@@ -119,9 +123,10 @@ def reweight(state: SMCState, log_increments: Array) -> tuple[SMCState, Array]:
 
 def _reweight(state: SMCState, log_increments: Array, before: Array
               ) -> tuple[SMCState, Array, Array]:
-    """`reweight` given before = logsumexp(logw); also returns after = logsumexp(logw + G)."""
+    """`reweight` given before = logsumexp(logw) of each group ([G], or a scalar for one group,
+    the shape of log_evidence); also returns after = logsumexp(logw + G) per group."""
     log_weights = state.log_weights + log_increments
-    after = logsumexp(log_weights)
+    after = logsumexp(log_weights.reshape(before.shape + (-1,)), axis=-1)
     increment = jnp.where(jnp.isneginf(before), -jnp.inf, after - before)
     return SMCState(state.particles, log_weights, state.log_evidence + increment), increment, after
 
@@ -134,20 +139,49 @@ def resample(key: Array, state: SMCState, resampling: Resampler) -> tuple[SMCSta
     logw[a_i] (logw[a_i] - stop_gradient(logw[a_i])), and log Z_hat hands the derivative of its
     current term, logsumexp(logw), over to them, so that the derivative of the final log Z_hat is
     sum_i W_T[i] d logw_T[i] along each particle's ancestry. Ancestor indices carry no derivative.
+    A dead cloud, or one with a NaN or +inf weight, is kept as it is (identity ancestors):
+    resampling it would invent weights.
     """
-    n = state.log_weights.shape[0]
-    log_total = logsumexp(state.log_weights)
-    # Resampling a dead cloud, or one with a NaN or +inf weight, would invent weights; keep it as
-    # it is so that the result says so.
-    usable = jnp.isfinite(log_total)
-    safe_log_weights = jnp.where(usable, state.log_weights, 0.0)
-    ancestors = jnp.where(usable, resampling(key, safe_log_weights), jnp.arange(n, dtype=jnp.int32))
+    one_group = state._replace(log_evidence=state.log_evidence[None])
+    new, ancestors = resample_groups(key[None], one_group, resampling, jnp.ones((1,), bool))
+    return new._replace(log_evidence=new.log_evidence[0]), ancestors[0]
+
+
+def resample_groups(keys: Array, state: SMCState, resampling: Resampler, flags: Array
+                    ) -> tuple[SMCState, Array]:
+    """`resample` for each of G groups whose flag [G] is set, each within itself with its own
+    key (keys [G]); the others keep their particles and weights. Returns the state and the
+    ancestors [G, N], indices within each group (identity where nothing was resampled)."""
+    groups = flags.shape[0]
+    log_weights = state.log_weights.reshape(groups, -1)
+    n = log_weights.shape[1]
+    log_total = logsumexp(log_weights, axis=-1)
+    usable = flags & jnp.isfinite(log_total)
+    safe_log_weights = jnp.where(usable[:, None], log_weights, 0.0)
+    identity = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (groups, n))
+    ancestors = jnp.where(usable[:, None], jax.vmap(resampling)(keys, safe_log_weights), identity)
     ancestors = jax.lax.stop_gradient(ancestors)
-    log_weights = jnp.where(usable, zero_with_gradient(gather(state.log_weights, ancestors)),
+    rows = (ancestors + n * jnp.arange(groups, dtype=jnp.int32)[:, None]).reshape(-1)
+    log_weights = jnp.where(jnp.repeat(usable, n),
+                            zero_with_gradient(gather(state.log_weights, rows)),
                             state.log_weights)
     log_evidence = jnp.where(usable, state.log_evidence - zero_with_gradient(log_total),
                              state.log_evidence)
-    return SMCState(gather(state.particles, ancestors), log_weights, log_evidence), ancestors
+    return SMCState(gather(state.particles, rows), log_weights, log_evidence), ancestors
+
+
+def select_groups(flags: Array, new: PyTree, old: PyTree) -> PyTree:
+    """Per group of rows: `new`'s rows where the group's flag [G] holds, else `old`'s."""
+    def select(a: Array, b: Array) -> Array:
+        rows = jnp.repeat(flags, a.shape[0] // flags.shape[0])
+        return jnp.where(rows.reshape(rows.shape + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree_util.tree_map(select, new, old)
+
+
+def split_keys(keys: Array, num: int = 2) -> Array:
+    """`jax.random.split` of each of G keys: [num, G] keys (so `a, b = split_keys(keys)`)."""
+    return jax.vmap(lambda key: jax.random.split(key, num), out_axes=1)(keys)
 
 
 @jax.custom_jvp
@@ -188,13 +222,13 @@ def refuse_gradient(tree: PyTree, reason: str) -> PyTree:
 
 
 def count_nonfinite(log_values: Array) -> Array:
-    """Number of entries that are NaN or +inf (int32 scalar): no weight can represent them,
-    whereas -inf is a valid zero weight."""
-    return jnp.sum(~(log_values < jnp.inf)).astype(jnp.int32)
+    """Number of entries that are NaN or +inf along the last axis (int32): no weight can
+    represent them, whereas -inf is a valid zero weight."""
+    return jnp.sum(~(log_values < jnp.inf), axis=-1).astype(jnp.int32)
 
 
 def resample_move(
-    key: Array,
+    keys: Array,
     state: SMCState,
     t: Array,
     *,
@@ -205,45 +239,53 @@ def resample_move(
     allowed: Array | None = None,
     ess: Array | None = None,
 ) -> tuple[SMCState, Array, Array]:
-    """Resample (and then move) when ESS < threshold * N; threshold 1 = always, 0 = never.
+    """Resample (and then move) each group whose ESS < threshold * N; threshold 1 = always,
+    0 = never. G groups (keys [G], state.log_evidence [G]); one key and a scalar evidence
+    for a plain run make G = 1 with keys = key[None].
 
-    Returns (state, resampled flag, ancestors). `allowed` (bool scalar) can veto resampling at
-    this step. `branchless` computes both outcomes and selects (needed when particles are
-    sharded). `ess`: the current weights' ESS when the caller has it (else computed here).
+    Returns (state, resampled flags [G], ancestors [G, N] within each group). `allowed` (bool
+    scalar or [G]) can veto resampling at this step. Nothing is gathered unless some group
+    resamples (`lax.cond`); `branchless` computes the resampled state and selects instead
+    (needed when particles are sharded). `ess` [G]: the current weights' ESS when the caller has
+    it (else computed here).
     """
-    n = state.log_weights.shape[0]
-    identity = jnp.arange(n, dtype=jnp.int32)
+    groups = state.log_evidence.shape[0]
+    n = state.log_weights.shape[0] // groups
+    identity = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (groups, n))
     if ess_threshold <= 0.0:
-        return state, jnp.asarray(False), identity
-    key_resample, key_move = jax.random.split(key)
+        return state, jnp.zeros((groups,), bool), identity
+    key_resample, key_move = split_keys(keys)
+    if ess_threshold >= 1.0:
+        flags = jnp.ones((groups,), bool)
+    else:
+        if ess is None:
+            ess = weights_lib.ess(state.log_weights.reshape(groups, n))
+        flags = ess < ess_threshold * n
+    if allowed is not None:
+        flags = flags & allowed
+    every_group = ess_threshold >= 1.0 and allowed is None     # statically: all flags set
 
     def do(state: SMCState) -> tuple[SMCState, Array]:
-        state, ancestors = resample(key_resample, state, resampling)
+        state, ancestors = resample_groups(key_resample, state, resampling, flags)
         if move is not None:
             # An MH move accepts or rejects, a discrete choice that no derivative sees, by a ratio
             # of the current target: refuse once its particles or weights (the target) depend on
             # what is differentiated.
             _, moved = refuse_gradient((state.log_weights, move(key_move, state.particles, t)),
                                        MOVE_REASON)
+            if (groups > 1 or branchless) and not every_group:
+                moved = select_groups(flags, moved, state.particles)
             state = state._replace(particles=moved)
         return state, ancestors
 
-    if ess_threshold >= 1.0 and allowed is None:
+    if branchless or every_group:
+        # Sharded: each device evaluates the predicate from its own all-reduce, whose rounding
+        # may differ, and devices that branch apart deadlock in the next collective.
         state, ancestors = do(state)
-        return state, jnp.asarray(True), ancestors
-    if ess_threshold < 1.0 and ess is None:
-        ess = weights_lib.ess(state.log_weights)
-    flag = jnp.asarray(True) if ess_threshold >= 1.0 else ess < ess_threshold * n
-    if allowed is not None:
-        flag = flag & allowed
-    if not branchless:
-        state, ancestors = jax.lax.cond(flag, do, lambda s: (s, identity), state)
-        return state, flag, ancestors
-    # Sharded: each device evaluates the predicate from its own all-reduce, whose rounding may
-    # differ, and devices that branch apart deadlock in the next collective. Select instead.
-    resampled, ancestors = do(state)
-    state = jax.tree_util.tree_map(lambda new, old: jnp.where(flag, new, old), resampled, state)
-    return state, flag, jnp.where(flag, ancestors, identity)
+        return state, flags, ancestors
+    # Gather only at steps where some group resamples: the others keep identity ancestors.
+    state, ancestors = jax.lax.cond(jnp.any(flags), do, lambda s: (s, identity), state)
+    return state, flags, ancestors
 
 
 def run(
@@ -273,6 +315,16 @@ def run(
     communicates) or, with `islands=True`, local to each device with the islands pooled by their
     evidence at the end (traces then carry a leading island axis).
 
+    Groups: a model with `groups = G` is G independent problems in one program (G prompts, say),
+    N particles each: every group is weighted, resampled (its own ESS decision) and its evidence
+    estimated on its own, and nothing is gathered at a step where no group resamples. `key` is
+    one key per group ([G] keys; a single key is split into G). Every field of the result has a
+    leading [G] axis (particles [G, N, ...]) and equals G runs of the one-group model, group g's
+    with key g, when the model uses its keys that way: `vmap` of `run` over keys, without the
+    `vmap`'s full gather at every step. With `done`, a group stops where its own run would (every
+    particle done, or a dead or NaN/+inf cloud): its particles and weights stand still and its
+    traces hold padding while the others go on.
+
     dtypes: init's log-weights and step's increments are cast to one dtype, their
     `jnp.promote_types` and at least float32 (float64 only when x64 is enabled); the log-weights,
     log_evidence and traces have it. Half precision cannot hold a log-evidence.
@@ -297,24 +349,74 @@ def run(
     if summary is not None and not callable(summary):
         raise TypeError(f"summary must be callable (particles, log_weights) -> pytree, "
                         f"got {summary!r}")
+    groups = model.groups
     if islands and mesh is None:
         raise ValueError("islands=True needs a mesh")
-    devices = 1 if mesh is None else distributed.num_shards(mesh, axis_name, num_particles)
+    if islands and groups is not None:
+        raise ValueError("islands=True runs a model of one group; this model has "
+                         f"groups={groups}")
+    num_groups = 1 if groups is None else groups
+    rows = num_groups * num_particles
+    devices = 1 if mesh is None else distributed.num_shards(mesh, axis_name, rows)
     local = num_particles // devices if islands else num_particles
     shapes = check_model(model, local)
+    keys = group_keys(key, groups)
     dtype = log_weight_dtype(shapes.log_weights.dtype, shapes.increments.dtype)
-    needed = memory.estimate_bytes(model, num_particles, record_ancestors=record_ancestors,
-                                   summary=summary, particles=shapes.particles,
-                                   log_weight_dtype=dtype) // devices
+    needed = memory.estimate_bytes(model, rows, record_ancestors=record_ancestors,
+                                   summary=summary if groups is None else None,
+                                   particles=shapes.particles, log_weight_dtype=dtype) // devices
     # a device of this process: another host's cannot be asked for its memory
     memory.check_fits(needed, None if mesh is None else mesh.local_devices[0])
     options = {"resampling": resampling, "ess_threshold": ess_threshold,
                "record_ancestors": record_ancestors, "summary": summary, "dtype": dtype}
+    grouped = model if groups is not None else one_group(model)
     if islands:
-        return distributed.run_islands(lambda k: _run(k, model, local, None, **options),
-                                       key, mesh, axis_name, devices)
+        def run_island(key: Array) -> SMCResult:
+            return first_group(_run(key[None], grouped, local, None, **options))
+
+        return distributed.run_islands(run_island, key, mesh, axis_name, devices)
     sharding = None if mesh is None else distributed.particle_sharding(mesh, axis_name)
-    return _run(key, model, num_particles, sharding, **options)
+    result = _run(keys, grouped, num_particles, sharding, **options)
+    return result if groups is not None else first_group(result)
+
+
+def group_keys(key: Array, groups: int | None) -> Array:
+    """[G] keys: `key[None]` for a plain model; for G groups, `key` if it holds G keys, else the
+    single `key` split into G."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    single = key.ndim == (0 if typed else 1)
+    if groups is None:
+        if not single:
+            raise ValueError(f"key must be one PRNG key for a model without groups, got shape "
+                             f"{key.shape}")
+        return key[None]
+    if single:
+        return jax.random.split(key, groups)
+    if key.shape[0] != groups or key.ndim != (1 if typed else 2):
+        raise ValueError(f"key must be one PRNG key or {groups} keys (one per group) for a "
+                         f"model with groups={groups}, got shape {key.shape}")
+    return key
+
+
+def one_group(model: FeynmanKac) -> FeynmanKac:
+    """A plain model as a model of one group: keys [1], done per group [1]."""
+    def init(keys, n):
+        return model.init(keys[0], n)
+
+    def step(keys, particles, t, *log_weights):
+        return model.step(keys[0], particles, t, *log_weights)
+
+    move = None if model.move is None else (
+        lambda keys, particles, t: model.move(keys[0], particles, t))
+    done = None if model.done is None else (
+        lambda particles: jnp.all(model.done(particles)).reshape(1))
+    return model._replace(init=init, step=step, move=move, done=done, groups=1)
+
+
+def first_group(result: SMCResult) -> SMCResult:
+    """Group 0 of a result with a leading group axis on every field (a one-group run's result)."""
+    return jax.tree_util.tree_map(lambda leaf: leaf[0], result)
 
 
 def log_weight_dtype(*dtypes: Any) -> jnp.dtype:
@@ -326,42 +428,58 @@ def log_weight_dtype(*dtypes: Any) -> jnp.dtype:
     return jax.dtypes.canonicalize_dtype(promoted)
 
 
-def _run(key, model, num_particles, sharding, *, resampling, ess_threshold,
+def by_group(tree: PyTree, groups: int) -> PyTree:
+    """Every leaf's leading axis [G * N] as [G, N]."""
+    return jax.tree_util.tree_map(lambda leaf: leaf.reshape((groups, -1) + leaf.shape[1:]), tree)
+
+
+def _run(keys, model, num_particles, sharding, *, resampling, ess_threshold,
          record_ancestors, summary, dtype) -> SMCResult:
+    """The loop, for a model of G = model.groups groups (keys [G]); every field of the result
+    has a leading [G] axis."""
     constrain = _constrainer(sharding)
-    n = num_particles
+    n, groups = num_particles, model.groups
     num_steps = int(model.num_steps)
     mask = None if model.resample_mask is None else jnp.asarray(model.resample_mask, bool)
 
-    key_init, key_loop = jax.random.split(key)
+    key_init, key_loop = split_keys(keys)
     particles, log_weights = model.init(key_init, n)
     log_weights = constrain(log_weights.astype(dtype))
     # G0 is a reweighting of uniform weights, so log Z_hat starts at log mean exp(G0).
     uniform = SMCState(constrain(particles), jnp.zeros_like(log_weights),
-                       jnp.zeros((), log_weights.dtype))
+                       jnp.zeros((groups,), log_weights.dtype))
     log_n = jnp.log(jnp.asarray(n, log_weights.dtype))
-    state, increment0, total0 = _reweight(uniform, log_weights, log_n)
-    nonfinite0 = count_nonfinite(log_weights)
-    ess0 = weights_lib.ess_given_total(state.log_weights, total0)
+    state, increment0, total0 = _reweight(uniform, log_weights, jnp.full((groups,), log_n))
+    nonfinite0 = count_nonfinite(log_weights.reshape(groups, n))
+    ess0 = weights_lib.ess_given_total(state.log_weights.reshape(groups, n), total0)
 
     def summarise(state: SMCState) -> PyTree | None:
         if summary is None:
             return None
-        return jax.tree_util.tree_map(jnp.asarray, summary(state.particles, state.log_weights))
+        values = jax.vmap(summary)(by_group(state.particles, groups),
+                                   state.log_weights.reshape(groups, n))
+        return jax.tree_util.tree_map(jnp.asarray, values)
 
     summary0 = summarise(state)
+    padding = Trace(jnp.zeros_like(ess0), jnp.zeros_like(ess0), jnp.zeros((groups,), bool),
+                    jnp.zeros((groups,), jnp.int32),
+                    jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (groups, n))
+                    if record_ancestors else None, _zeros_like(summary0))
 
-    def one_step(key: Array, loop: Loop, t: Array):
+    def one_step(keys: Array, loop: Loop, t: Array, active: Array | None):
         # The loop carries logsumexp(logw) and the ESS of the weights, so that each step makes
         # one pass over them for the evidence, the trace and the next resampling decision.
-        key_resample, key_step = jax.random.split(key)
-        state, flag, ancestors = resample_move(
+        # active [G] (None: every group): groups whose own run would still be going.
+        key_resample, key_step = split_keys(keys)
+        allowed = None if mask is None else mask[t]
+        if active is not None:
+            allowed = active if allowed is None else allowed & active
+        state, flags, ancestors = resample_move(
             key_resample, loop.state, t, resampling=resampling, ess_threshold=ess_threshold,
-            move=model.move, branchless=sharding is not None,
-            allowed=None if mask is None else mask[t], ess=loop.ess)
+            move=model.move, branchless=sharding is not None, allowed=allowed, ess=loop.ess)
         # resample resets usable weights to 0 (logsumexp = log n); it leaves dead, NaN or +inf
         # ones as they are
-        before = jnp.where(flag & jnp.isfinite(loop.log_total), log_n, loop.log_total)
+        before = jnp.where(flags & jnp.isfinite(loop.log_total), log_n, loop.log_total)
         if model.weighted_step:
             # The step chooses its target from the weights (e.g. a tempering exponent by
             # bisection): a discrete choice that no derivative sees.
@@ -371,69 +489,95 @@ def _run(key, model, num_particles, sharding, *, resampling, ess_threshold,
         else:
             particles, log_increments = model.step(key_step, state.particles, t)
         log_increments = constrain(log_increments.astype(dtype))
+        if active is not None:
+            # A group whose own run has stopped stands still (a plain run's loop has stopped).
+            log_increments = jnp.where(jnp.repeat(active, n), log_increments, 0.0)
+            particles = jax.lax.cond(jnp.all(active), lambda new, old: new,
+                                     lambda new, old: select_groups(active, new, old),
+                                     particles, state.particles)
         state, increment, after = _reweight(state._replace(particles=constrain(particles)),
                                             log_increments, before)
-        ess = weights_lib.ess_given_total(state.log_weights, after)
-        trace = Trace(ess, increment, flag, count_nonfinite(log_increments),
+        ess = weights_lib.ess_given_total(state.log_weights.reshape(groups, n), after)
+        trace = Trace(ess, increment, flags, count_nonfinite(log_increments.reshape(groups, n)),
                       ancestors if record_ancestors else None, summarise(state))
+        if active is not None:
+            trace = select_groups(active, trace, padding)
         return Loop(state, after, ess), trace
 
-    keys = jax.random.split(key_loop, max(num_steps, 1))[:num_steps]
+    # keys [T, G]: step t of group g uses its own key, as in the group's own run
+    keys = jax.vmap(lambda key: jax.random.split(key, max(num_steps, 1))[:num_steps],
+                    out_axes=1)(key_loop)
     loop = Loop(state, total0, ess0)
     if model.done is None:
         def scan_body(loop, inputs):
             key, t = inputs
-            return one_step(key, loop, t)
+            return one_step(key, loop, t, None)
 
         loop, traces = jax.lax.scan(scan_body, loop, (keys, jnp.arange(num_steps, dtype=jnp.int32)))
-        steps_taken = jnp.asarray(num_steps, jnp.int32)
+        steps_taken = jnp.full((groups,), num_steps, jnp.int32)
     else:
-        padding = Trace(jnp.zeros((), ess0.dtype), jnp.zeros((), ess0.dtype),
-                        jnp.asarray(False), jnp.zeros((), jnp.int32),
-                        jnp.arange(n, dtype=jnp.int32) if record_ancestors else None,
-                        _zeros_like(summary0))
-        loop, traces, steps_taken = _while(one_step, model.done, loop, keys, num_steps, padding)
+        loop, traces, steps_taken = _while(one_step, _group_done(model.done, groups), loop, keys,
+                                           num_steps, padding, every_group_active=groups == 1)
     state = loop.state
 
     def prepend(first: PyTree, rest: PyTree) -> PyTree:
-        return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+        # rest [T, G, ...] from the loop -> [G, T + 1, ...]
+        return jax.tree_util.tree_map(
+            lambda a, b: jnp.concatenate([a[:, None], jnp.swapaxes(b, 0, 1)], axis=1), first, rest)
 
     return SMCResult(
-        particles=state.particles,
-        log_weights=state.log_weights,
+        particles=by_group(state.particles, groups),
+        log_weights=state.log_weights.reshape(groups, n),
         log_evidence=state.log_evidence,
         ess=prepend(ess0, traces.ess),
         log_evidence_increments=prepend(increment0, traces.log_evidence_increment),
-        resampled=traces.resampled,
+        resampled=jnp.swapaxes(traces.resampled, 0, 1),
         nonfinite_increments=prepend(nonfinite0, traces.nonfinite_increments),
         num_steps=steps_taken,
         degenerate=~jnp.isfinite(loop.log_total),
-        ancestors=traces.ancestors,
+        ancestors=None if traces.ancestors is None else jnp.swapaxes(traces.ancestors, 0, 1),
         summaries=prepend(summary0, traces.summary),
     )
 
 
-def _while(one_step, done, loop, keys, max_steps, padding: Trace):
-    """lax.while_loop over steps until done(particles) holds for all or the cloud is dead or holds
-    a NaN or +inf weight, with static-size traces: `padding` (one step's Trace) repeated max_steps
-    times, overwritten step by step."""
+def _group_done(done: Callable[[PyTree], Array], groups: int) -> Callable[[PyTree], Array]:
+    """done(particles) as bool [G]: a group is done once all its particles are."""
+    def group_done(particles: PyTree) -> Array:
+        flags = done(particles)
+        if flags.shape == (groups,):
+            return flags
+        return jnp.all(flags.reshape(groups, -1), axis=1)
+
+    return group_done
+
+
+def _while(one_step, done, loop, keys, max_steps, padding: Trace, every_group_active: bool):
+    """lax.while_loop over steps while some group is active: not `done` and its cloud neither
+    dead nor holding a NaN or +inf weight, with static-size traces [max_steps, G, ...]: `padding`
+    (one step's Trace) repeated, overwritten step by step. Returns (loop, traces, steps [G])."""
     traces = jax.tree_util.tree_map(
         lambda value: jnp.broadcast_to(value, (max_steps,) + value.shape), padding)
 
-    def cond(carry):
-        t, loop, _ = carry
+    def active(loop: Loop) -> Array:
         # A dead cloud (log_total = -inf) or one with a NaN or +inf weight can never recover.
-        alive = jnp.isfinite(loop.log_total)
-        return (t < max_steps) & alive & ~jnp.all(done(loop.state.particles))
+        return jnp.isfinite(loop.log_total) & ~done(loop.state.particles)
+
+    def cond(carry):
+        t, loop, _, _ = carry
+        return (t < max_steps) & jnp.any(active(loop))
 
     def body(carry):
-        t, loop, traces = carry
-        loop, trace = one_step(keys[t], loop, t)
+        t, loop, traces, steps = carry
+        now = active(loop)
+        # one group: the loop runs only while it is active
+        loop, trace = one_step(keys[t], loop, t, None if every_group_active else now)
         traces = jax.tree_util.tree_map(lambda buf, value: buf.at[t].set(value), traces, trace)
-        return t + 1, loop, traces
+        return t + 1, loop, traces, steps + now.astype(jnp.int32)
 
-    t, loop, traces = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), loop, traces))
-    return loop, traces, t
+    steps = jnp.zeros(loop.log_total.shape, jnp.int32)
+    _, loop, traces, steps = jax.lax.while_loop(
+        cond, body, (jnp.asarray(0, jnp.int32), loop, traces, steps))
+    return loop, traces, steps
 
 
 def _zeros_like(shapes: PyTree) -> PyTree:

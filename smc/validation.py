@@ -114,7 +114,8 @@ class ModelShapes(NamedTuple):
 
 
 def check_model(model: FeynmanKac, num_particles: int, key: Any = None) -> ModelShapes:
-    """Trace init, step, move and done abstractly and check every shape against N.
+    """Trace init, step, move and done abstractly and check every shape against N (G * N
+    rows and [G] keys for a model of G groups).
 
     A `weighted_step` model's step is traced with init's log-weights as its fourth argument.
     Returns the traced shapes (`ModelShapes`).
@@ -134,23 +135,31 @@ def check_model(model: FeynmanKac, num_particles: int, key: Any = None) -> Model
         if mask.dtype != np.bool_ or mask.shape != (num_steps,):
             raise ValueError(f"resample_mask must be a static bool array of shape ({num_steps},), "
                              f"got {mask.dtype}{list(mask.shape)}")
-    key = _abstract(jax.random.PRNGKey(0) if key is None else key)
+    groups = model.groups
+    if groups is not None:
+        groups = static_int("model.groups", groups, 1)
+    if key is None:
+        key = jax.random.PRNGKey(0)
+        key = key if groups is None else jax.random.split(key, groups)
+    key = _abstract(key)
+    rows = num_particles * (groups or 1)     # groups: every group's particles, one after another
     t = jax.ShapeDtypeStruct((), jnp.int32)
     particles, log_weights = jax.eval_shape(lambda k: model.init(k, num_particles), key)
-    check_particles(particles, num_particles, "init")
-    check_log_weights(log_weights, num_particles, "init")
+    check_particles(particles, rows, "init")
+    check_log_weights(log_weights, rows, "init")
     weighted = static_bool("model.weighted_step", model.weighted_step)
     step_inputs = (key, particles, t) + ((log_weights,) if weighted else ())
     new_particles, increments = jax.eval_shape(model.step, *step_inputs)
     _check_same_structure(particles, new_particles, "step")
-    check_log_weights(increments, num_particles, "step")
+    check_log_weights(increments, rows, "step")
     if model.move is not None:
         moved = jax.eval_shape(model.move, key, particles, t)
         _check_same_structure(particles, moved, "move")
     if model.done is not None:
         done = jax.eval_shape(model.done, particles)
-        if done.shape not in ((), (num_particles,)) or done.dtype != jnp.bool_:
-            raise ValueError(f"done must return a bool scalar or bool [{num_particles}], "
+        shapes = ((), (rows,)) if groups is None else ((groups,), (rows,))
+        if done.shape not in shapes or done.dtype != jnp.bool_:
+            raise ValueError(f"done must return bool of shape {' or '.join(map(str, shapes))}, "
                              f"got {done.dtype}{list(done.shape)}")
     return ModelShapes(particles, log_weights, increments)
 

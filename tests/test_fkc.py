@@ -250,8 +250,10 @@ def test_product_of_two_mixtures():
     # N = 32, 64, 256, 1024, 4096, against 0.093 for the uncorrected proposal; an equally likely
     # draw of 16 seeds at N = 4096 (the same runs with a constant added to every increment) has
     # mean 0.115. So: N = 32 against 4096 by ranks for "falls as N grows", and the 16 runs pooled
-    # into one weighted cloud (seed noise averaged out, bias kept: 0.02-0.03 over six draws)
-    # against the unweighted proposal (no weights, no resampling: the uncorrected drift).
+    # into one weighted cloud (seed noise averaged out, bias kept: 0.02-0.03 over six draws,
+    # 0.035 and 0.063 for two float32 roundings of the same resampler, which move ancestors at
+    # the cdf's boundaries) against the unweighted proposal (no weights, no resampling: the
+    # uncorrected drift, 0.092-0.094), which a missing weight term would give.
     reference = gmm.sample(jax.random.PRNGKey(99), exact, 8192)
     key = jax.random.PRNGKey(5)
     sw_fn = jax.jit(lambda x, w: distance.sliced_wasserstein(key, x, reference, w,
@@ -266,7 +268,7 @@ def test_product_of_two_mixtures():
     pooled = float(sw_fn(x.reshape(-1, 2), w.reshape(-1) / len(w)))
     x_plain, _ = run_seeds(model, 4096, 4, cloud, ess_threshold=0.0, first_seed=2)
     sw_plain = distances(x_plain, np.ones(x_plain.shape[:2]))
-    assert pooled < 2 / 3 * sw_plain.min(), (pooled, sw_plain)
+    assert pooled < 0.75 * sw_plain.min(), (pooled, sw_plain)
 
 
 CLASS_1 = gmm.mixture([1.0], [[0.75, 0.0]], std=0.6)

@@ -182,6 +182,49 @@ def test_several_prompts_by_vmap_and_draw(params):
     assert tokens.shape == (T,) and 1 <= int(length) <= T
 
 
+def test_prompts_in_one_program_are_exact_and_resample_on_their_own(params):
+    """B prompts as one model of B groups, the ESS tested every 2 tokens: each prompt matches
+    its own exact target, and the prompts took different resampling decisions."""
+    lm = EnumerableLM(n_tokens=3, max_new=4, prompt_len=2)
+    prompts = jnp.array([[lm.bos_id, 0], [lm.bos_id, 1]])
+    lengths = jnp.array([1, 2])
+    fn = jax.jit(jax.vmap(lambda k: power_smc(
+        k, lm, params, prompts, prompt_length=lengths, alpha=ALPHA, num_particles=256,
+        max_new_tokens=T, ramp_length=2, resample_every=2, ess_threshold=0.95)))
+    result = fn(jax.random.split(jax.random.PRNGKey(4), R))
+    flags = np.asarray(result.resampled)                       # [R, B, T]
+    assert not flags[..., 1::2].any()                          # only before tokens 1, 3
+    assert (flags[:, 0] != flags[:, 1]).any()
+    for b, prev in enumerate([None, 1]):
+        seqs, pi, Z = exact_target(params, prev=prev)
+        per_prompt = jax.tree_util.tree_map(lambda x, b=b: x[:, b], result)
+        z_evidence, z_max, tv_ratio = check_against_exact(per_prompt, seqs, pi, Z)
+        assert abs(z_evidence) < 4.0 and z_max < 4.5 and tv_ratio < TV_TOLERANCE, (b, z_max)
+
+
+def test_prompts_in_one_program_equal_separate_runs(params):
+    """Same keys, same results as one run per prompt; a prompt holding a token outside the
+    vocabulary (NaN weights, flagged) leaves the others as they would be alone."""
+    lm = EnumerableLM(n_tokens=3, max_new=4, prompt_len=2)
+    prompts = jnp.array([[lm.bos_id, 0], [lm.bos_id, 99], [lm.bos_id, 1]])
+    lengths = jnp.array([1, 2, 2])
+    keys = jax.random.split(jax.random.PRNGKey(9), 3)
+    options = {"alpha": ALPHA, "num_particles": 32, "max_new_tokens": T, "ramp_length": 2}
+    grouped = jax.jit(lambda k, p: power_smc(k, lm, params, p, prompt_length=lengths,
+                                             **options))(keys, prompts)
+    one = jax.jit(lambda k, p, n: power_smc(k, lm, params, p, prompt_length=n, **options))
+    np.testing.assert_array_equal(grouped.degenerate, [False, True, False])
+    assert int(grouped.nonfinite_increments[1].sum()) > 0
+    for b in (0, 2):
+        alone = one(keys[b], prompts[b], lengths[b])
+        for name in ("log_weights", "log_evidence", "ess"):
+            np.testing.assert_allclose(getattr(grouped, name)[b], getattr(alone, name),
+                                       rtol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(grouped.particles.tokens[b], alone.particles.tokens)
+        np.testing.assert_array_equal(grouped.resampled[b], alone.resampled)
+        np.testing.assert_array_equal(grouped.num_steps[b], alone.num_steps)
+
+
 @pytest.mark.parametrize("kwargs, prompt, message", [
     ({"alpha": 0.0}, [4], "alpha"),
     ({"alpha": -2.0}, [4], "alpha"),

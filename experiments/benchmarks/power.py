@@ -2,7 +2,7 @@
 MH power sampler, for the same prompts in one run.
 
     python -m experiments bench power [--prompts 4] [--particles 16] [--tokens 32] [--alpha 4]
-        [--mh-block 8] [--mh-steps 2] [--repeats 5] [--out f.md]
+        [--mh-block 8] [--mh-steps 2] [--repeats 5] [--one-program] [--out f.md]
 
 Every method runs one prompt per call (prompts padded to one width, so one compilation), N
 sequences per prompt, jitted with the weights as an argument, warmed up, then timed round-robin
@@ -13,6 +13,11 @@ processes hits all alike). Plain sampling is `targets.lm.generate.generate` at t
 `targets.lm.mh_power.mh_power` with N chains. Sequences stop at EOS, so the methods may take
 different numbers of decode steps; the table gives the steps (summed over prompts) and the time per
 step too. Plain sampling prefills the prompt for each of its N rows, Power-SMC and MH once.
+
+With ``--one-program`` every prompt runs in one call: plain sampling of N rows per prompt (each
+prompt prefilled once, `generate`'s ``num_samples``), Power-SMC with one group per prompt (a
+resampling decision per prompt, a gather only at steps where some prompt resamples), and
+Power-SMC under ``jax.vmap`` over prompts (where the gather happens at every step).
 """
 from __future__ import annotations
 
@@ -60,16 +65,51 @@ def programs(model, N: int, T: int, alpha: float, mh_block: int, mh_steps: int) 
     return {name: jax.jit(fn) for name, fn in calls.items()}
 
 
+def one_program(model, N: int, T: int, alpha: float) -> dict:
+    """name -> jitted (key, params, prompts [B, W], lengths [B]) -> (decode steps taken,
+    outputs...): every prompt in one call."""
+    from targets.lm.generate import generate
+    from targets.lm.power import power_smc
+
+    def plain(key, params, prompts, lengths):
+        out = generate(key, model, params, prompts, lengths, max_new_tokens=T,
+                       temperature=1.0 / alpha, num_samples=N)
+        return jnp.max(out.length), out.tokens
+
+    def one_prompt(key, params, prompt, length):
+        return power_smc(key, model, params, prompt, prompt_length=length, alpha=alpha,
+                         num_particles=N, max_new_tokens=T)
+
+    def smc(key, params, prompts, lengths):
+        r = one_prompt(key, params, prompts, lengths)     # [B, P]: one group per prompt
+        return jnp.max(r.num_steps), r.particles.tokens, r.log_weights
+
+    def smc_vmap(key, params, prompts, lengths):
+        keys = jax.random.split(key, prompts.shape[0])
+        r = jax.vmap(one_prompt, in_axes=(0, None, 0, 0))(keys, params, prompts, lengths)
+        return jnp.max(r.num_steps), r.particles.tokens, r.log_weights
+
+    calls = {"plain sampling (temperature 1/alpha)": plain,
+             "Power-SMC (prompts as groups)": smc, "Power-SMC (vmap over prompts)": smc_vmap}
+    return {name: jax.jit(fn) for name, fn in calls.items()}
+
+
 def bench(num_prompts: int, N: int, T: int, alpha: float, mh_block: int, mh_steps: int,
-          repeats: int, methods: list[str] | None = None, seed: int = 0) -> list[dict]:
-    """One row per method; a repeat runs every prompt once (one call per prompt, summed)."""
+          repeats: int, methods: list[str] | None = None, seed: int = 0,
+          together: bool = False) -> list[dict]:
+    """One row per method; a repeat runs every prompt once (one call per prompt, summed), or
+    with `together` every prompt in one call."""
     base, params, tokenizer = smollm2()
     tokens, lengths = encode_prompts(tokenizer, load_prompts(PROMPTS, num_prompts))
     model = sized_model(base, tokens.shape[1], T)
-    calls = programs(model, N, T, alpha, mh_block, mh_steps)
+    if together:
+        calls = one_program(model, N, T, alpha)
+        prompts = [(jnp.asarray(tokens), jnp.asarray(lengths))]
+    else:
+        calls = programs(model, N, T, alpha, mh_block, mh_steps)
+        prompts = [(jnp.asarray(t), jnp.asarray(n)) for t, n in zip(tokens, lengths)]
     if methods:
         calls = {k: v for k, v in calls.items() if any(k.startswith(m) for m in methods)}
-    prompts = [(jnp.asarray(t), jnp.asarray(n)) for t, n in zip(tokens, lengths)]
 
     def run_all(fn, key):
         steps = 0
@@ -118,14 +158,20 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mh-steps", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=None,
                         help="only methods whose name starts so (plain, Power, MH)")
+    parser.add_argument("--one-program", action="store_true",
+                        help="every prompt in one call: plain sampling of prompts x N rows, "
+                             "Power-SMC with one group per prompt, and Power-SMC vmapped over "
+                             "prompts (no MH)")
 
 
 def run(args: argparse.Namespace) -> str:
     rows = bench(args.prompts, args.particles, args.tokens, args.alpha, args.mh_block,
-                 args.mh_steps, args.repeats, args.methods)
+                 args.mh_steps, args.repeats, args.methods, together=args.one_program)
+    calls = ("every prompt in one call (prompts x N rows)" if args.one_program
+             else "one call per prompt (N sequences)")
     caption = (
         f"Power-SMC latency on SmolLM2-135M-Instruct: alpha = {args.alpha}, "
-        f"one call per prompt (N sequences); median ms over {args.repeats} repeats; ratios = "
+        f"{calls}; median ms over {args.repeats} repeats; ratios = "
         f"median of per-repeat ratios to plain batched sampling of the same N sequences at "
         f"temperature 1/alpha ({jax.devices()[0].platform}).\n\n")
     return caption + to_markdown(rows)

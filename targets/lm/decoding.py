@@ -23,7 +23,9 @@ algorithms need:
 - `suffix_mh`: one Metropolis-Hastings step that regenerates a suffix from a uniform cut.
 
 A proposal is a function ``proposal(state) -> log q [N, V]`` (normalised over the tokens it
-allows, ``-inf`` elsewhere): algorithms keep only their own proposal and weight.
+allows, ``-inf`` elsewhere): algorithms keep only their own proposal and weight. Tokens are
+drawn from it by `categorical`, an exact inverse-CDF walk with log2(V) uniforms per row (the
+Gumbel-max trick would need V), so that sampling stays a small share of a decoding step.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from proposals import tokens as token_proposals
 from smc.validation import check_count, static_int
 from targets.lm.protocol import LanguageModel, check_language_model
 
@@ -167,6 +170,19 @@ def check_prompt(lm: LanguageModel, prompt: Any, prompt_length: Any, max_new_tok
     return prompts[0], lengths[0]
 
 
+def check_prompt_or_prompts(lm: LanguageModel, prompt: Any, prompt_length: Any,
+                            max_new_tokens: int) -> tuple[Array, Array, int | None]:
+    """(prompts [B, P], lengths [B], groups): one prompt [P] (`check_prompt`; groups None) or B
+    prompts [B, P] with lengths [B], default P (`check_prompts`; groups B, one per prompt)."""
+    if len(getattr(prompt, "shape", np.shape(prompt))) != 2:
+        prompt, prompt_length = check_prompt(lm, prompt, prompt_length, max_new_tokens)
+        return prompt[None], prompt_length[None], None
+    if prompt_length is None:
+        prompt_length = np.full((prompt.shape[0],), prompt.shape[1], np.int32)
+    prompts, lengths = check_prompts(lm, prompt, prompt_length, max_new_tokens)
+    return prompts, lengths, prompts.shape[0]
+
+
 # ----------------------------------------------------------------------------- the state
 class Prefilled(NamedTuple):
     """B prompts run through the model once: what every row that continues them shares."""
@@ -240,13 +256,21 @@ def append(lm: LanguageModel, params: Any, prefilled: Prefilled, state: Sequence
 
 
 def draw_token(key: Array, state: SequenceState, logq_all: Array, eos_ids: tuple[int, ...],
-               forced_eos: bool = False) -> tuple[Array, Array, Array]:
+               forced_eos: bool = False, groups: int | None = None
+               ) -> tuple[Array, Array, Array]:
     """(tokens [N], log q [N], forced [N]): one draw per row from log q [N, V].
 
-    With `forced_eos`, a row about to take its T-th token gets the first of `eos_ids` from a
-    point mass (log q = 0, `forced` True), so that every sequence ends with an EOS.
+    With `groups` = G, `key` holds G keys and the rows G consecutive groups, group g drawn with
+    keys[g] (as G separate calls would). With `forced_eos`, a row about to take its T-th token
+    gets the first of `eos_ids` from a point mass (log q = 0, `forced` True), so that every
+    sequence ends with an EOS.
     """
-    tokens = jax.random.categorical(key, logq_all, axis=-1).astype(jnp.int32)
+    if groups is None:
+        tokens = categorical(key, logq_all)
+    else:
+        by_group = logq_all.reshape((groups, -1) + logq_all.shape[1:])
+        tokens = jax.vmap(categorical)(key, by_group).reshape(logq_all.shape[:1])
+    tokens = tokens.astype(jnp.int32)
     logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
     forced = jnp.zeros(tokens.shape, bool)
     if forced_eos:
@@ -257,7 +281,24 @@ def draw_token(key: Array, state: SequenceState, logq_all: Array, eos_ids: tuple
 
 
 def categorical(key: Array, logq_all: Array) -> Array:
-    return jax.random.categorical(key, logq_all, axis=-1)
+    """[N] int32: one token per row from softmax(log q [N, V]) (`proposals.tokens.categorical`:
+    log2(V) uniforms per row, where `jax.random.categorical` needs V of them).
+
+    A row with nothing to draw (every entry -inf, or a NaN or +inf) gets the id that
+    `jax.random.categorical` gave it, its argmax: the first NaN, else the first +inf, else 0.
+    That id is valid for the model, and its log q is the row's NaN, +inf or -inf, so the weight
+    formulas see the same broken row as before (weight -inf or NaN), never a finite log q.
+    """
+    tokens = token_proposals.categorical(key, logq_all)
+    # the argmax of such a row as one integer min (jnp.argmax, a two-operand reduction, costs
+    # XLA:CPU three times the draw itself): NaN ranks first, +inf next, then index 0
+    vocab_size = logq_all.shape[-1]
+    index = jax.lax.broadcasted_iota(jnp.int32, logq_all.shape, logq_all.ndim - 1)
+    rank = jnp.where(jnp.isnan(logq_all), index,
+                     jnp.where(logq_all == jnp.inf, vocab_size + index, 2 * vocab_size))
+    first = jnp.min(rank, axis=-1)
+    argmax = jnp.where(first < 2 * vocab_size, first % vocab_size, 0)
+    return jnp.where(tokens == token_proposals.NO_TOKEN, argmax, tokens)
 
 
 def rollout(key: Array, lm: LanguageModel, params: Any, prefilled: Prefilled,

@@ -19,8 +19,10 @@ from targets.lm.decoding import SequenceState
 
 def generate(key, lm, params, prompts, prompt_lengths, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_ids: int | Sequence[int] | None = None) -> SequenceState:
-    """Sample continuations of right-padded prompts ``[B, P]`` with lengths ``[B]``.
+             eos_ids: int | Sequence[int] | None = None, num_samples: int = 1) -> SequenceState:
+    """Sample ``num_samples`` continuations of each right-padded prompt ``[B, P]`` with lengths
+    ``[B]``: rows ``[B * num_samples]``, prompt b's at b * num_samples onwards, each prompt run
+    through the model once and its cache shared by its rows.
 
     Tokens come from the model at ``temperature`` (0: greedy, a point mass with log q = 0),
     optionally top-k / top-p filtered (`proposals.tokens.filtered_logprobs`). Returns the rows as
@@ -31,13 +33,14 @@ def generate(key, lm, params, prompts, prompt_lengths, *, max_new_tokens: int,
     ``max_new_tokens`` (e.g. for benchmarks).
     """
     T = static_int("max_new_tokens", max_new_tokens, 1)
+    num_samples = static_int("num_samples", num_samples, 1)
     temperature = static_finite("temperature", temperature)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     prompts, prompt_lengths = decoding.check_prompts(lm, prompts, prompt_lengths, T)
     eos = decoding.resolve_eos(lm, eos_ids)
     prefilled = decoding.prefill(lm, params, prompts, prompt_lengths)
-    state = decoding.start(lm, prefilled, max_new_tokens=T, eos_ids=eos)
+    state = decoding.start(lm, prefilled, max_new_tokens=T, eos_ids=eos, copies=num_samples)
     if temperature == 0.0:
         # the argmax of log p; its proposal is a point mass, so log q = 0 (set once at the end
         # rather than building a one-hot [N, V] table at every step)

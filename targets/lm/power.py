@@ -58,6 +58,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import logsumexp
 
 import smc
@@ -80,20 +81,26 @@ def exponent_schedule(alpha: float, ramp_length: int):
 def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt_length=None,
                 ramp_length: int = 0, forced_eos: bool = False,
                 proposal_alpha: float | None = None, top_k: int | None = None,
-                top_p: float | None = None, eos_ids: int | Sequence[int] | None = None
-                ) -> smc.FeynmanKac:
-    """The Feynman-Kac model of Power-SMC for one prompt (module docstring: target and weights).
+                top_p: float | None = None, eos_ids: int | Sequence[int] | None = None,
+                resample_every: int = 1) -> smc.FeynmanKac:
+    """The Feynman-Kac model of Power-SMC (module docstring: target and weights).
 
-    ``lm`` is a `targets.lm.protocol.LanguageModel`; ``prompt`` a 1-D token array, right-padded
-    to a width with ``prompt_length`` real tokens (may be traced, so that ``jax.vmap`` runs
-    several prompts). ``alpha > 0`` is static. ``ramp_length = 0``: no bridging.
-    ``proposal_alpha``: a fixed proposal exponent instead of a_t. ``eos_ids``: the tokens that end
-    a sequence, any of them (default the model's; the first is the forced one; see
-    `decoding.resolve_eos`).
+    ``lm`` is a `targets.lm.protocol.LanguageModel`. ``prompt``: one prompt, a 1-D token array
+    right-padded to a width with ``prompt_length`` real tokens (may be traced); or B prompts
+    [B, P] with ``prompt_length`` [B] (default P each): then a model of B groups
+    (`smc.FeynmanKac.groups`), N particles per prompt, every prompt weighted and resampled on
+    its own while one decode call serves all B x N rows; `smc.run` returns results [B, ...],
+    equal to B runs of the one-prompt model with the same keys. ``alpha > 0`` is static.
+    ``ramp_length = 0``: no bridging. ``proposal_alpha``: a fixed proposal exponent instead of
+    a_t. ``eos_ids``: the tokens that end a sequence, any of them (default the model's; the first
+    is the forced one; see `decoding.resolve_eos`). ``resample_every = k``: the ESS is tested
+    (and resampling may happen) only before tokens 1, k + 1, 2k + 1, ... (the Power-SMC paper
+    tests it every 64 tokens); the weights are exact either way.
     """
     alpha = static_positive("alpha", alpha)
     T = static_int("max_new_tokens", max_new_tokens, 1)
     ramp_length = static_int("ramp_length", ramp_length, 0)
+    resample_every = static_int("resample_every", resample_every, 1)
     if proposal_alpha is not None:
         proposal_alpha = static_positive("proposal_alpha", proposal_alpha)
     if top_k is not None:
@@ -102,25 +109,27 @@ def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt
         top_p = static_positive("top_p", top_p)
         if top_p > 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    prompt, prompt_length = decoding.check_prompt(lm, prompt, prompt_length, T)
+    prompts, prompt_lengths, groups = decoding.check_prompt_or_prompts(lm, prompt, prompt_length,
+                                                                       T)
     eos = decoding.resolve_eos(lm, eos_ids, forced_eos)
     exponent = exponent_schedule(alpha, ramp_length)
     # q_t = p^{a_t} / C_t exactly: the token-independent log C_t form of the weight applies.
     exact_form = proposal_alpha is None and top_k is None and top_p is None
-    # the prompt runs once, here; its cache is shared by the particles, never resampled
-    prefilled = decoding.prefill(lm, params, prompt[None], prompt_length[None])
+    # the prompts run once, here; their caches are shared by the particles, never resampled
+    prefilled = decoding.prefill(lm, params, prompts, prompt_lengths)
 
     def init(key, n):
         del key
         state = decoding.start(lm, prefilled, max_new_tokens=T, eos_ids=eos, copies=n)
-        return state, jnp.zeros((n,), jnp.float32)
+        return state, jnp.zeros((state.length.shape[0],), jnp.float32)
 
     def step(key, state: SequenceState, t):
         a_prev, a_t = exponent(t), exponent(t + 1)
         b_t = a_t if proposal_alpha is None else jnp.asarray(proposal_alpha, jnp.float32)
         live = ~state.done
         logq_all = filtered_logprobs(state.logprobs, 1.0 / b_t, top_k, top_p)
-        tokens, logq, forced = decoding.draw_token(key, state, logq_all, eos, forced_eos)
+        tokens, logq, forced = decoding.draw_token(key, state, logq_all, eos, forced_eos,
+                                                   groups=groups)
         lp_token = decoding.token_logprob(state, tokens)
         new = decoding.append(lm, params, prefilled, state, tokens, logq, eos)
         if exact_form:
@@ -136,25 +145,31 @@ def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt
         return new, jnp.where(live, increment, 0.0)
 
     def done(state: SequenceState):
-        return jnp.all(state.done)
+        return state.done
 
-    return smc.FeynmanKac(init=init, step=step, num_steps=T, done=done)
+    mask = None if resample_every == 1 else np.arange(T) % resample_every == 0
+    return smc.FeynmanKac(init=init, step=step, num_steps=T, done=done, resample_mask=mask,
+                          groups=groups)
 
 
 def power_smc(key, lm, params, prompt, *, alpha: float, num_particles: int, max_new_tokens: int,
               prompt_length=None, ramp_length: int = 0, forced_eos: bool = False,
               proposal_alpha: float | None = None, top_k: int | None = None,
               top_p: float | None = None, eos_ids: int | Sequence[int] | None = None,
-              resampling=smc.resampling.systematic, ess_threshold: float = 0.5) -> smc.SMCResult:
-    """Run Power-SMC for one prompt: an `smc.SMCResult` whose particles are the weighted
-    sequences (`decoding.SequenceState` without the cache; `decoding.draw` picks one).
+              resample_every: int = 1, resampling=smc.resampling.systematic,
+              ess_threshold: float = 0.5) -> smc.SMCResult:
+    """Run Power-SMC: an `smc.SMCResult` whose particles are the weighted sequences
+    (`decoding.SequenceState` without the cache; `decoding.draw` picks one).
 
-    Pure in ``key``; jit it with the static arguments bound (``functools.partial``) and
-    ``jax.vmap`` it over keys or over (prompt, prompt_length) for several prompts.
+    One prompt [P], or B prompts [B, P] in one program (`power_model`; every field of the
+    result then has a leading [B] axis, and ``key`` is one key or B keys, one per prompt).
+    Pure in ``key``; jit it with the static arguments bound (``functools.partial``). B prompts
+    in one call beat ``jax.vmap`` over prompts: under ``vmap`` the engine's "resample or not"
+    becomes a select, so every prompt's cache is gathered at every step.
     """
     model = power_model(lm, params, prompt, alpha=alpha, max_new_tokens=max_new_tokens,
                         prompt_length=prompt_length, ramp_length=ramp_length,
                         forced_eos=forced_eos, proposal_alpha=proposal_alpha, top_k=top_k,
-                        top_p=top_p, eos_ids=eos_ids)
+                        top_p=top_p, eos_ids=eos_ids, resample_every=resample_every)
     result = smc.run(key, model, num_particles, resampling=resampling, ess_threshold=ess_threshold)
     return result._replace(particles=decoding.without_cache(result.particles))
