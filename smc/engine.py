@@ -322,8 +322,11 @@ def run(
     leading [G] axis (particles [G, N, ...]) and equals G runs of the one-group model, group g's
     with key g, when the model uses its keys that way: `vmap` of `run` over keys, without the
     `vmap`'s full gather at every step. With `done`, a group stops where its own run would (every
-    particle done, or a dead or NaN/+inf cloud): its particles and weights stand still and its
-    traces hold padding while the others go on.
+    particle done, or a dead or NaN/+inf cloud): its weights and evidence stand still and its
+    traces hold padding while the others go on. Its particles are still stepped: the step must
+    leave done particles unchanged (LM rows that have ended are frozen; `smc.stack_groups`
+    ensures it for any model), and the particles of a dead group, which carry no weight, are
+    not its own run's (the result flags that group `degenerate`).
 
     dtypes: init's log-weights and step's increments are cast to one dtype, their
     `jnp.promote_types` and at least float32 (float64 only when x64 is enabled); the log-weights,
@@ -490,11 +493,11 @@ def _run(keys, model, num_particles, sharding, *, resampling, ess_threshold,
             particles, log_increments = model.step(key_step, state.particles, t)
         log_increments = constrain(log_increments.astype(dtype))
         if active is not None:
-            # A group whose own run has stopped stands still (a plain run's loop has stopped).
+            # A group whose own run has stopped gets no more weight (its particles are left to
+            # the model: a done particle is a fixed point of the step, and a dead cloud carries
+            # no weight). Selecting the old particles here would keep them alive across the
+            # step, so that XLA could no longer update an LM's cache in place: a copy per step.
             log_increments = jnp.where(jnp.repeat(active, n), log_increments, 0.0)
-            particles = jax.lax.cond(jnp.all(active), lambda new, old: new,
-                                     lambda new, old: select_groups(active, new, old),
-                                     particles, state.particles)
         state, increment, after = _reweight(state._replace(particles=constrain(particles)),
                                             log_increments, before)
         ess = weights_lib.ess_given_total(state.log_weights.reshape(groups, n), after)

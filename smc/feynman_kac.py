@@ -39,7 +39,8 @@ class FeynmanKac(NamedTuple):
         (g + 1) * N - 1; log_weights [G * N]); step(keys [G], particles, t) -> (particles,
         log_increments [G * N]); move(keys [G], particles, t); done(particles) -> bool [G] or
         [G * N]. Group g should use keys[g] as its own one-group model would use its key: then
-        the run equals G separate runs.
+        the run equals G separate runs. With `done`, the step must leave a done particle as it
+        is (the other groups go on stepping; `stack_groups` ensures it).
     """
 
     init: InitFn
@@ -80,7 +81,13 @@ def stack_groups(make_model: Callable[[PyTree], FeynmanKac], data: PyTree) -> Fe
 
     def step(keys, particles, t, *log_weights):
         def one(key, d, p, *w):
-            return make_model(d).step(key, p, t, *w)
+            model = make_model(d)
+            new, increments = model.step(key, p, t, *w)
+            if model.done is None:
+                return new, increments
+            # a group that is done stands still while the others go on (`FeynmanKac.groups`)
+            finished = jnp.all(model.done(p))
+            return jax.tree_util.tree_map(lambda a, b: jnp.where(finished, b, a), new, p), increments
 
         particles, increments = jax.vmap(one)(keys, data, split(particles), *split(log_weights))
         return flat(particles), increments.reshape(-1)
