@@ -24,7 +24,11 @@ ALPHA = 3.0
 N_LARGE, R = 1024, 128   # particles, replicate runs
 # TV of the replicate mean over its normal-theory floor: ~1 when unbiased; the O(1/N) bias of
 # self-normalised weights and the few (~10) sequences that carry most of the mass spread it.
-TV_TOLERANCE = 2.0
+# Measured for test_several_prompts_by_vmap_and_draw's two prompts at N = 1024 over 24 seeds
+# (48 values): mean 1.10, 4 above 2.0, largest 2.93 (at N = 256: 1 seed in 5 above 2.0). A
+# missing weight term gives > 5 (test_low_temperature_alone_is_not_the_power_distribution); the z-tests
+# stay the sharp check.
+TV_TOLERANCE = 3.5
 LM = EnumerableLM(n_tokens=3, max_new=4)  # 121 sequences
 T = LM.max_new
 
@@ -166,7 +170,7 @@ def test_several_prompts_by_vmap_and_draw(params):
     lm = EnumerableLM(n_tokens=3, max_new=4, prompt_len=2)
     prompts = jnp.array([[lm.bos_id, 0], [lm.bos_id, 1]])
     lengths = jnp.array([1, 2])
-    N = 256
+    N = N_LARGE       # at N = 256 the TV's O(1/N) bias failed the tolerance at 1 seed in 5
     fn = jax.jit(jax.vmap(jax.vmap(
         lambda k, p, n: power_smc(k, lm, params, p, prompt_length=n, alpha=ALPHA,
                                   num_particles=N, max_new_tokens=T, ramp_length=2),
@@ -189,7 +193,7 @@ def test_prompts_in_one_program_are_exact_and_resample_on_their_own(params):
     prompts = jnp.array([[lm.bos_id, 0], [lm.bos_id, 1]])
     lengths = jnp.array([1, 2])
     fn = jax.jit(jax.vmap(lambda k: power_smc(
-        k, lm, params, prompts, prompt_length=lengths, alpha=ALPHA, num_particles=256,
+        k, lm, params, prompts, prompt_length=lengths, alpha=ALPHA, num_particles=N_LARGE,
         max_new_tokens=T, ramp_length=2, resample_every=2, ess_threshold=0.95)))
     result = fn(jax.random.split(jax.random.PRNGKey(4), R))
     flags = np.asarray(result.resampled)                       # [R, B, T]
