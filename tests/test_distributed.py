@@ -64,7 +64,8 @@ SCRIPT = textwrap.dedent("""
 def test_global_and_island_resampling_on_eight_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", SCRIPT], check=False, env=env, capture_output=True,
+                          text=True,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "OK" in done.stdout
