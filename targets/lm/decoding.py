@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from proposals import tokens as token_proposals
+from smc.engine import split_keys
 from smc.validation import check_count, static_int
 from targets.lm.protocol import LanguageModel, check_language_model
 
@@ -111,6 +112,24 @@ def resolve_eos(lm: LanguageModel, eos_ids: Any = None, forced_eos: bool = False
 def is_eos(tokens: Array, eos_ids: tuple[int, ...]) -> Array:
     """Bool of the shape of `tokens`: which of them end a row (any of the static `eos_ids`)."""
     return jnp.isin(tokens, np.asarray(eos_ids, np.int32))
+
+
+def split_key(key: Array, num: int, groups: int | None = None) -> Array:
+    """`jax.random.split(key, num)`; with `groups` = G, `key` holds G keys (one per group of rows)
+    and the result is [num, G]: group g's keys are keys[g] split as its own run would split it."""
+    if groups is None:
+        return jax.random.split(key, num)
+    return split_keys(key, num)
+
+
+def per_group(draw: Callable[..., Array], key: Array, groups: int | None, *rows: Array) -> Array:
+    """draw(key, *rows) for rows [N, ...]; with `groups` = G, `key` holds G keys and the rows are
+    G consecutive groups, group g drawn with keys[g] as G separate calls would (vmap)."""
+    if groups is None:
+        return draw(key, *rows)
+    by_group = [r.reshape((groups, -1) + r.shape[1:]) for r in rows]
+    drawn = jax.vmap(draw)(key, *by_group)
+    return drawn.reshape((-1,) + drawn.shape[2:])
 
 
 def check_prompts(lm: LanguageModel, prompts: Any, prompt_lengths: Any, max_new_tokens: int
@@ -265,12 +284,7 @@ def draw_token(key: Array, state: SequenceState, logq_all: Array, eos_ids: tuple
     gets the first of `eos_ids` from a point mass (log q = 0, `forced` True), so that every
     sequence ends with an EOS.
     """
-    if groups is None:
-        tokens = categorical(key, logq_all)
-    else:
-        by_group = logq_all.reshape((groups, -1) + logq_all.shape[1:])
-        tokens = jax.vmap(categorical)(key, by_group).reshape(logq_all.shape[:1])
-    tokens = tokens.astype(jnp.int32)
+    tokens = per_group(categorical, key, groups, logq_all).astype(jnp.int32)
     logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
     forced = jnp.zeros(tokens.shape, bool)
     if forced_eos:
@@ -304,12 +318,15 @@ def categorical(key: Array, logq_all: Array) -> Array:
 def rollout(key: Array, lm: LanguageModel, params: Any, prefilled: Prefilled,
             state: SequenceState, proposal: Proposal, eos_ids: tuple[int, ...], *, limit: Any = None,
             teacher: Array | None = None, cut: Array | None = None,
-            sample: Sampler = categorical) -> SequenceState:
+            sample: Sampler = categorical, groups: int | None = None) -> SequenceState:
     """Append tokens until every row has ended or holds `limit` tokens (default T; may be traced).
 
     Token j of a row is ``teacher[row, j]`` while j < ``cut[row]`` (teacher forcing: scored
     under the model and the proposal, not sampled), else ``sample(key, proposal(state))``.
-    One `lax.while_loop` that stops as soon as no row is live.
+    One `lax.while_loop` that stops as soon as no row is live. With `groups` = G, `key` holds G
+    keys and the rows G consecutive groups, group g sampled with keys[g] (as G separate calls
+    would: a row that has ended is frozen, so the loop running on for other groups changes
+    nothing in it).
     """
     n, max_new = state.tokens.shape
     limit = max_new if limit is None else limit
@@ -325,7 +342,8 @@ def rollout(key: Array, lm: LanguageModel, params: Any, prefilled: Prefilled,
     def body(carry):
         i, s = carry
         logq_all = proposal(s)
-        tokens = sample(jax.random.fold_in(key, i), logq_all).astype(jnp.int32)
+        tokens = per_group(lambda k, x: sample(jax.random.fold_in(k, i), x), key, groups,
+                           logq_all).astype(jnp.int32)
         if teacher is not None:
             forced = teacher[rows, jnp.minimum(s.length, max_new - 1)]
             tokens = jnp.where(s.length < cut, forced, tokens)
@@ -338,7 +356,8 @@ def rollout(key: Array, lm: LanguageModel, params: Any, prefilled: Prefilled,
 
 def suffix_mh(key: Array, state: SequenceState,
               regenerate: Callable[[Array, Array, Array], SequenceState],
-              log_target: Callable[[SequenceState], Array]) -> tuple[SequenceState, Array]:
+              log_target: Callable[[SequenceState], Array], groups: int | None = None
+              ) -> tuple[SequenceState, Array]:
     """One MH step per row: cut i uniform in {0, ..., |y| - 1}, keep y_1:i, regenerate the rest
     with ``regenerate(key, tokens, cut)``, accept with
 
@@ -346,11 +365,18 @@ def suffix_mh(key: Array, state: SequenceState,
                 + log |y| - log |y'|
 
     (the last term corrects for the cut's probability 1/|y|). Returns (state, accepted [N]).
-    Rows of length 0 never move.
+    Rows of length 0 never move. With `groups` = G, `key` holds G keys and the rows G
+    consecutive groups: group g's cuts, regeneration (``regenerate`` gets the G keys and must
+    use them per group, e.g. `rollout` with `groups`) and accepts use keys[g] as G separate
+    calls would.
     """
-    key_cut, key_regenerate, key_accept = jax.random.split(key, 3)
     length = state.length
-    u = jax.random.uniform(key_cut, length.shape)
+    key_cut, key_regenerate, key_accept = split_key(key, 3, groups)
+
+    def uniform(key: Array) -> Array:
+        return per_group(lambda k, rows: jax.random.uniform(k, rows.shape), key, groups, length)
+
+    u = uniform(key_cut)
     cut = jnp.clip((u * length).astype(jnp.int32), 0, jnp.maximum(length - 1, 0))
     proposal = regenerate(key_regenerate, state.tokens, cut)
     if state.cache is None:     # rows kept without their cache (results, MH chains)
@@ -365,7 +391,7 @@ def suffix_mh(key: Array, state: SequenceState,
 
     log_r = (log_target(proposal) - log_target(state) + suffix_logq(state) - suffix_logq(proposal)
              + log_length(length) - log_length(proposal.length))
-    accept = (length > 0) & (jnp.log(jax.random.uniform(key_accept, log_r.shape)) < log_r)
+    accept = (length > 0) & (jnp.log(uniform(key_accept)) < log_r)
     moved = jax.tree_util.tree_map(
         lambda new, old: jnp.where(accept.reshape(accept.shape + (1,) * (new.ndim - 1)), new, old),
         proposal, state)

@@ -54,6 +54,9 @@ any positive twist keeps the SMC exact; this one is within eps psi_prefix of unb
 With blocks the rollouts run only at the block's last token (the prefix twists telescope inside a
 block). Not combined with ``rejuvenate`` or ``forced_eos``.
 
+Many prompts: B prompts [B, P] make a model of B groups (`smc.FeynmanKac.groups`), each prompt
+weighted, resampled and moved on its own with its own key, one decode call for every row.
+
 Block-wise: each Feynman-Kac step generates ``block_size`` = B tokens and multiplies their
 increments, so weighting and (ESS-triggered) resampling happen only every B tokens; this is the
 same as resampling only on block boundaries.
@@ -91,7 +94,10 @@ LOOKAHEAD_FLOOR = 1e-3   # eps of the lookahead twist's defensive mixture (modul
 
 
 class TwistedComponents(NamedTuple):
-    """Reward-twisted SMC for one prompt, and its parts (see `twisted_components`)."""
+    """Reward-twisted SMC for one prompt or B prompts, and its parts (see `twisted_components`).
+
+    With B prompts the rows are B consecutive groups (group b continues prompt b) and every
+    ``key`` below is B keys, one per group."""
 
     model: smc.FeynmanKac   # with `move` when rejuvenation is on
     from_tokens: Any        # (tokens [N, T], length [N], limit) -> SequenceState (teacher forcing)
@@ -105,8 +111,13 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
                        forced_eos: bool = False, lookahead: int = 0, prompt_length=None,
                        eos_ids: int | Sequence[int] | None = None, mask_proposal: bool = True
                        ) -> TwistedComponents:
-    """Build reward-twisted SMC for one prompt; every argument is checked before generation.
+    """Build reward-twisted SMC; every argument is checked before generation.
 
+    ``prompt``: one prompt [P] with ``prompt_length`` real tokens (default P), or B prompts
+    [B, P] with ``prompt_length`` [B]: then a model of B groups (`smc.FeynmanKac.groups`), N
+    particles per prompt, each prompt weighted, resampled and moved on its own with its own key
+    (tokens, block keys, lookahead rollouts, MH cut, regeneration and accept), so that
+    `smc.run` equals B runs of the one-prompt model with the same keys.
     ``temperature`` tau: the proposal p^{1/tau} (the weight corrects for it). ``rejuvenate``: one
     MH suffix-regeneration step per particle after each resampling. ``lookahead`` K > 0: the
     twist is estimated by K rollouts from p (module docstring). ``mask_proposal``: propose only
@@ -120,7 +131,8 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     K = static_int("lookahead", lookahead, 0)
     if K and (rejuvenate or forced_eos):
         raise ValueError("lookahead is not combined with rejuvenate or forced_eos")
-    prompt, prompt_length = decoding.check_prompt(lm, prompt, prompt_length, T)
+    prompts, prompt_lengths, groups = decoding.check_prompt_or_prompts(lm, prompt, prompt_length,
+                                                                       T)
     eos = decoding.resolve_eos(lm, eos_ids, forced_eos)
     check_potential(potential, T)
     masked = static_bool("mask_proposal", mask_proposal) and potential.allowed is not None
@@ -129,11 +141,14 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     prefix_fn = jax.vmap(potential.prefix)
     complete_fn = jax.vmap(potential.complete)
     num_blocks = -(-T // B)
-    # the prompt runs once, here; its cache is shared by every row, never resampled
-    prefilled = decoding.prefill(lm, params, prompt[None], prompt_length[None])
+    num_groups = 1 if groups is None else groups
+    # the prompts run once, here; their caches are shared by every row, never resampled
+    prefilled = decoding.prefill(lm, params, prompts, prompt_lengths)
 
-    def start(n: int) -> SequenceState:
-        return decoding.start(lm, prefilled, max_new_tokens=T, eos_ids=eos, copies=n)
+    def start(rows: int) -> SequenceState:
+        """rows // G rows per prompt (G prompts), prompt-major."""
+        return decoding.start(lm, prefilled, max_new_tokens=T, eos_ids=eos,
+                              copies=rows // num_groups)
 
     def proposal_and_allowed(s: SequenceState) -> tuple[Array, Array]:
         """(log q [N, V], some token allowed [N]) for each row's next token; q ~ p^{1/tau}
@@ -166,7 +181,8 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
         eps exp(prefix) (positive wherever the prefix is)."""
         n = s.length.shape[0]
         copies = jax.tree_util.tree_map(lambda x: jnp.repeat(x, K, axis=0), s)
-        ends = decoding.rollout(key, lm, params, prefilled, copies, lambda c: c.logprobs, eos)
+        ends = decoding.rollout(key, lm, params, prefilled, copies, lambda c: c.logprobs, eos,
+                                groups=groups)
         log_phi = complete_fn(ends.tokens, ends.body_length).reshape(n, K)
         log_psi_hat = logsumexp(log_phi, axis=1) - jnp.log(K)
         return jnp.logaddexp(jnp.log1p(-LOOKAHEAD_FLOOR) + log_psi_hat,
@@ -174,15 +190,17 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
 
     def init(key, n):
         del key
-        s = start(n)
-        log_psi = jnp.zeros((n,), jnp.float32) if K else prefix_fn(s.tokens, s.body_length)
+        s = start(num_groups * n)
+        log_psi = (jnp.zeros(s.length.shape, jnp.float32) if K
+                   else prefix_fn(s.tokens, s.body_length))
         return s._replace(log_potential=log_psi), log_psi
 
     def token_step(key, s: SequenceState, block_end: bool = True):
-        key_token, key_twist = jax.random.split(key)
+        key_token, key_twist = decoding.split_key(key, 2, groups)
         live = ~s.done
         logq_all, some = proposal_and_allowed(s)
-        tokens, logq, _ = decoding.draw_token(key_token, s, logq_all, eos, forced_eos)
+        tokens, logq, _ = decoding.draw_token(key_token, s, logq_all, eos, forced_eos,
+                                              groups=groups)
         lp_token = decoding.token_logprob(s, tokens)
         new = decoding.append(lm, params, prefilled, s, tokens, logq, eos)
         old = s.log_potential
@@ -207,10 +225,10 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
             s, increment = token_step(key, s, block_end=not K)
             return (s, total + increment), None
         n = s.length.shape[0]
-        key_first, key_last = jax.random.split(key)
+        key_first, key_last = decoding.split_key(key, 2, groups)
         inner = B - 1 if K else B   # with lookahead the block's last token runs the rollouts
         (s, total), _ = jax.lax.scan(body, (s, jnp.zeros((n,), jnp.float32)),
-                                     jax.random.split(key_first, inner))
+                                     decoding.split_key(key_first, inner, groups))
         if K:
             s, increment = token_step(key_last, s, block_end=True)
             total = total + increment
@@ -219,40 +237,47 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     def regenerate(key, tokens, cut, limit) -> SequenceState:
         """Teacher-force tokens[:, :cut], then sample from q until EOS or ``limit`` tokens."""
         s = decoding.rollout(key, lm, params, prefilled, start(tokens.shape[0]), proposal, eos,
-                             limit=limit, teacher=tokens, cut=cut)
+                             limit=limit, teacher=tokens, cut=cut, groups=groups)
         return s._replace(log_potential=potential_of(s))
 
     def from_tokens(tokens, length, limit) -> SequenceState:
-        """Score given sequences (EOS-terminated within ``limit`` or unfinished with ``limit``)."""
+        """Score given sequences (EOS-terminated within ``limit`` or unfinished with ``limit``;
+        with B prompts, B consecutive groups of rows). Nothing is sampled: the key is unused."""
         tokens = jnp.asarray(tokens, jnp.int32)
-        return regenerate(jax.random.PRNGKey(0), tokens, jnp.asarray(length, jnp.int32), limit)
+        key = jax.random.PRNGKey(0)
+        key = key if groups is None else jax.random.split(key, groups)
+        return regenerate(key, tokens, jnp.asarray(length, jnp.int32), limit)
 
     def move(key, s: SequenceState, t) -> SequenceState:
         limit = jnp.minimum(t * B, T - 1)
         moved, _ = decoding.suffix_mh(
             key, s, lambda k, tokens, cut: regenerate(k, tokens, cut, limit),
-            lambda c: c.logp + c.log_potential)
+            lambda c: c.logp + c.log_potential, groups=groups)
         return moved
 
     def done(s: SequenceState):
-        return jnp.all(s.done)
+        return s.done
 
     model = smc.FeynmanKac(init=init, step=step, num_steps=num_blocks, done=done,
-                           move=move if rejuvenate else None)
+                           move=move if rejuvenate else None, groups=groups)
     return TwistedComponents(model=model, from_tokens=from_tokens, move=move,
                              twist=twist if K else None)
 
 
 def twisted_model(lm, params, prompt, potential: Potential, **options) -> smc.FeynmanKac:
-    """The Feynman-Kac model of reward-twisted SMC for one prompt (options: `twisted_components`)."""
+    """The Feynman-Kac model of reward-twisted SMC for one prompt [P], or B prompts [B, P] as a
+    model of B groups (options: `twisted_components`)."""
     return twisted_components(lm, params, prompt, potential, **options).model
 
 
 def twisted_smc(key, lm, params, prompt, potential: Potential, *, num_particles: int,
                 resampling=smc.resampling.systematic, ess_threshold: float = 0.5,
                 **options) -> smc.SMCResult:
-    """Run reward-twisted SMC for one prompt: an `smc.SMCResult` whose particles are the weighted
-    sequences (`decoding.SequenceState` without the cache; `decoding.draw` picks one).
+    """Run reward-twisted SMC: an `smc.SMCResult` whose particles are the weighted sequences
+    (`decoding.SequenceState` without the cache; `decoding.draw` picks one).
+
+    One prompt [P], or B prompts [B, P] in one program (`twisted_components`; every field of the
+    result then has a leading [B] axis, and ``key`` is one key or B keys, one per prompt).
 
     ``log_evidence`` estimates log sum_y p(y) phi(y) (Z_hat unbiased);
     ``nonfinite_increments`` counts NaN (or +inf) log-weight increments. ``options``: those of
