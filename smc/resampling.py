@@ -292,12 +292,16 @@ def _ancestors(bins: Array, particles: _Grid, m: int, degenerate: Array) -> Arra
 def _multinomial_cumulative(key: Array, cs: Array, total: Array, m: int,
                             size: Array | int) -> Array:
     """Cumulative counts of `size` i.i.d. draws from the increments of the cdf cs (a loop's
-    output, last entry total): #{j < size : point_j <= cs}, cs's shape; size <= M may be traced.
+    output, last entry total): #{j < size : point_j < cs} (all `size` where cs = total), cs's
+    shape; size <= M may be traced.
 
     The points are sorted uniforms by exponential spacings: with E_0..E_M i.i.d. Exp(1) and
-    Z = cumsum(E), (Z_0..Z_{k-1}) / Z_k are the order statistics of k uniforms. A bucket table
-    over [0, total] (M buckets) narrows each query's binary search to one bucket; sorted uniforms
-    put about one point in each bucket, so a few halvings suffice whatever the weights: O(N + M).
+    Z = cumsum(E), (Z_0..Z_{k-1}) / Z_k are the order statistics of k uniforms, here compared
+    with cs scaled to [0, Z_size] rather than scaled themselves. A bucket table over
+    [0, Z_size] (K = ceil(M / 2) buckets) narrows each query's binary search to one bucket;
+    sorted uniforms put about two points in each bucket, so a few halvings suffice whatever the
+    weights: O(N + M). (With two points a bucket the widest bucket of a million is about as wide
+    as with one: the same number of halvings for half the table.)
     """
     points = _grid(m + 1)  # Z_0..Z_M at positions 0..M
     rows, cols = points.shape
@@ -309,37 +313,39 @@ def _multinomial_cumulative(key: Array, cs: Array, total: Array, m: int,
     static_size = isinstance(size, int)
     z_size = z_total if static_size and size == m else flat_z[
         _cell_of_position(points, jnp.asarray(size))]
-    scale = m / total
-    bucket = lambda x: jnp.minimum(x * scale, m).astype(jnp.int32)
-    buckets = _grid(m + 2)
-
-    def point(z_values: Array, position: Array) -> Array:
-        # in (0, total], so a zero-weight particle (cs_i == cs_{i-1}) can never catch one;
-        # unused positions (>= size) go to +inf and to bucket M + 1, past every query's
-        p = jnp.clip(z_values / z_size * total, jnp.finfo(cs.dtype).tiny, total)
-        return jnp.where(position < size, p, jnp.inf)
-
+    # Compared on Z's scale: query q = cs / total * Z_size <= Z_size, equal for equal cs.
+    q = cs / total * z_size
+    k = (m + 1) // 2
+    scale = k / jnp.maximum(z_size, jnp.finfo(z.dtype).tiny)  # Z_size = 0 when size = 0, E_0 = 0
+    bucket = lambda x: jnp.minimum(x * scale, k).astype(jnp.int32)
+    buckets = _grid(k + 2)
+    # Unused positions (>= size) go to bucket K + 1, past every query's.
     point_bins = _map_rows(lambda r, z_row: _cell_of_position(buckets, jnp.where(
-        _positions(points, r) < size, bucket(point(z_row, 0)), m + 1)), z)
+        _positions(points, r) < size, bucket(z_row), k + 1)), z)
     hist = _histogram(point_bins, math.prod(buckets.shape))
     start, _ = _prefix(buckets, hist.reshape(buckets.shape))  # #{j : bucket_j <= b} at b
     start = start.reshape(-1)
     at_bucket = lambda b: start[_cell_of_position(buckets, b)]
-    qb = bucket(cs)
-    lo = jnp.where(qb > 0, at_bucket(jnp.maximum(qb - 1, 0)), 0)  # monotone buckets: all <= q
-    hi = at_bucket(qb)  # and none beyond this is
+    qb = bucket(q)
+    # Monotone buckets: every point in a bucket below q's is < q, and every point in a bucket
+    # above q's is > q, so the count lies in [lo, lo + widest bucket]; the sorted points bound
+    # the search on their own (Z_j >= Z_size >= q for the unused ones).
+    lo = jnp.where(qb > 0, at_bucket(jnp.maximum(qb - 1, 0)), 0)
 
     # Branchless binary search: try steps 2^(L-1), ..., 1, with 2^L > the widest bucket.
-    unused = _cell_of_position(buckets, jnp.int32(m + 1))  # the bucket of the unused points
+    unused = _cell_of_position(buckets, jnp.int32(k + 1))  # the bucket of the unused points
     levels = 32 - jax.lax.clz(jnp.max(hist.at[unused].set(0)))
 
     def step(t: Array, pos: Array) -> Array:
         nxt = pos + jnp.left_shift(1, levels - 1 - t)
         last = jnp.minimum(nxt - 1, m)
-        value = point(flat_z[_cell_of_position(points, last)], last)
-        return jnp.where((nxt <= hi) & (value <= cs), nxt, pos)
+        # strict: a dead first particle (q = 0) catches no Z_j = 0
+        return jnp.where(flat_z[_cell_of_position(points, last)] < q, nxt, pos)
 
-    return jax.lax.fori_loop(0, levels, step, lo).astype(jnp.int32)
+    found = jax.lax.fori_loop(0, levels, step, lo)
+    # cs == total: the last living particle and the dead tail after it take every draw, whatever
+    # the rounding of q.
+    return jnp.where(cs == total, size, found).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------

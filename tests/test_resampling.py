@@ -347,3 +347,17 @@ def test_traversal_order_is_a_permutation_and_even_weights_keep_every_slot() -> 
         np.testing.assert_array_equal(np.sort(order), np.arange(n))
         ancestors = resampling.systematic(jax.random.key(0), jnp.zeros(n))
         np.testing.assert_array_equal(ancestors, np.arange(n))
+
+
+def test_last_living_particle_takes_every_draw_at_large_m() -> None:
+    # M = 2^22 multinomial draws on three particles, the last one dead: the sorted points Z_j near
+    # 2^22 are float32 with a spacing of 0.5, so the last exponential spacing is lost to rounding
+    # (Z_{M-1} == Z_M) in about a fifth of the calls (in 3 of these 4 seeded keys); the last living
+    # particle must still take every draw, so the counts sum to M (deterministic: no tolerance).
+    m = 1 << 22
+    log_weights = jnp.log(jnp.asarray([1.0, 2.0, 0.0]))
+    draw = jax.jit(lambda key: resampling.offspring_counts(
+        resampling.multinomial(key, log_weights, m), 3))
+    keys = jax.random.split(jax.random.key(5), 24)[9:13]
+    counts = np.stack([np.asarray(draw(key)) for key in keys])
+    assert np.all(counts.sum(axis=1) == m) and np.all(counts[:, 2] == 0), counts
