@@ -30,9 +30,10 @@ install: $(FULL_STAMP)
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m experiments demo
 
-# Two workers (CI has 2 cores); one file per worker keeps each module's fixtures loaded once.
+# Two workers (CI has 2 cores); one file per worker keeps each module's fixtures loaded once;
+# files in collection order (tests/conftest.py puts the longest first), not by test count.
 test: $(FULL_STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(FULL_STAMP)
 	$(BIN)/python -m experiments bench --all --readme README.md

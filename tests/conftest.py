@@ -25,3 +25,17 @@ def z_score(samples: np.ndarray, expected: float) -> float:
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)
+
+
+# The longest files first (their durations in a CI run, 2026-12-06): with two workers and
+# `--dist loadfile`, each worker takes the next file when it finishes one, so a long file that
+# starts late becomes the suite's tail while the other worker idles.
+LONGEST_FIRST = ("test_lm_mesh.py", "test_experiments.py", "test_experiments_notebooks.py",
+                 "test_readme.py", "test_lm_prompt_cache.py", "test_lm_gemma3.py",
+                 "test_device_check.py", "test_bench_power.py", "test_bench_decode.py",
+                 "test_multihost.py", "test_reward.py", "test_fkc.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: order kept within
