@@ -240,8 +240,7 @@ def resample_move(
     ess: Array | None = None,
 ) -> tuple[SMCState, Array, Array]:
     """Resample (and then move) each group whose ESS < threshold * N; threshold 1 = always,
-    0 = never. G groups (keys [G], state.log_evidence [G]); one key and a scalar evidence
-    for a plain run make G = 1 with keys = key[None].
+    0 = never. G groups (keys [G], state.log_evidence [G]); a plain run is one group.
 
     Returns (state, resampled flags [G], ancestors [G, N] within each group). `allowed` (bool
     scalar or [G]) can veto resampling at this step. Nothing is gathered unless some group
