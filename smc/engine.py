@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from smc import distributed, memory
 from smc import resampling as resampling_lib
 from smc import weights as weights_lib
-from smc.feynman_kac import FeynmanKac
+from smc.feynman_kac import FeynmanKac, group_rows
 from smc.validation import check_model, check_run_arguments
 
 Array = jax.Array
@@ -158,7 +158,7 @@ def resample_groups(keys: Array, state: SMCState, resampling: Resampler, flags: 
     log_total = logsumexp(log_weights, axis=-1)
     usable = flags & jnp.isfinite(log_total)
     safe_log_weights = jnp.where(usable[:, None], log_weights, 0.0)
-    identity = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (groups, n))
+    identity = identity_ancestors(groups, n)
     ancestors = jnp.where(usable[:, None], jax.vmap(resampling)(keys, safe_log_weights), identity)
     ancestors = jax.lax.stop_gradient(ancestors)
     rows = (ancestors + n * jnp.arange(groups, dtype=jnp.int32)[:, None]).reshape(-1)
@@ -168,6 +168,11 @@ def resample_groups(keys: Array, state: SMCState, resampling: Resampler, flags: 
     log_evidence = jnp.where(usable, state.log_evidence - zero_with_gradient(log_total),
                              state.log_evidence)
     return SMCState(gather(state.particles, rows), log_weights, log_evidence), ancestors
+
+
+def identity_ancestors(groups: int, n: int) -> Array:
+    """[G, N] ancestors that keep every particle where it is."""
+    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (groups, n))
 
 
 def select_groups(flags: Array, new: PyTree, old: PyTree) -> PyTree:
@@ -250,7 +255,7 @@ def resample_move(
     """
     groups = state.log_evidence.shape[0]
     n = state.log_weights.shape[0] // groups
-    identity = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (groups, n))
+    identity = identity_ancestors(groups, n)
     if ess_threshold <= 0.0:
         return state, jnp.zeros((groups,), bool), identity
     key_resample, key_move = split_keys(keys)
@@ -430,11 +435,6 @@ def log_weight_dtype(*dtypes: Any) -> jnp.dtype:
     return jax.dtypes.canonicalize_dtype(promoted)
 
 
-def by_group(tree: PyTree, groups: int) -> PyTree:
-    """Every leaf's leading axis [G * N] as [G, N]."""
-    return jax.tree_util.tree_map(lambda leaf: leaf.reshape((groups, -1) + leaf.shape[1:]), tree)
-
-
 def _run(keys, model, num_particles, sharding, *, resampling, ess_threshold,
          record_ancestors, summary, dtype) -> SMCResult:
     """The loop, for a model of G = model.groups groups (keys [G]); every field of the result
@@ -458,14 +458,14 @@ def _run(keys, model, num_particles, sharding, *, resampling, ess_threshold,
     def summarise(state: SMCState) -> PyTree | None:
         if summary is None:
             return None
-        values = jax.vmap(summary)(by_group(state.particles, groups),
+        values = jax.vmap(summary)(group_rows(state.particles, groups),
                                    state.log_weights.reshape(groups, n))
         return jax.tree_util.tree_map(jnp.asarray, values)
 
     summary0 = summarise(state)
     padding = Trace(jnp.zeros_like(ess0), jnp.zeros_like(ess0), jnp.zeros((groups,), bool),
                     jnp.zeros((groups,), jnp.int32),
-                    jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (groups, n))
+                    identity_ancestors(groups, n)
                     if record_ancestors else None, _zeros_like(summary0))
 
     def one_step(keys: Array, loop: Loop, t: Array, active: Array | None):
@@ -528,7 +528,7 @@ def _run(keys, model, num_particles, sharding, *, resampling, ess_threshold,
             lambda a, b: jnp.concatenate([a[:, None], jnp.swapaxes(b, 0, 1)], axis=1), first, rest)
 
     return SMCResult(
-        particles=by_group(state.particles, groups),
+        particles=group_rows(state.particles, groups),
         log_weights=state.log_weights.reshape(groups, n),
         log_evidence=state.log_evidence,
         ess=prepend(ess0, traces.ess),

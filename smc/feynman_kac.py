@@ -53,6 +53,12 @@ class FeynmanKac(NamedTuple):
     groups: int | None = None
 
 
+def group_rows(tree: PyTree, groups: int) -> PyTree:
+    """Every leaf's leading axis of G * N rows (group after group, `FeynmanKac.groups`) as
+    [G, N]."""
+    return jax.tree_util.tree_map(lambda leaf: leaf.reshape((groups, -1) + leaf.shape[1:]), tree)
+
+
 def stack_groups(make_model: Callable[[PyTree], FeynmanKac], data: PyTree) -> FeynmanKac:
     """A model of G groups from a one-group model of each group's data (leading axis [G] on
     every leaf of `data`): its functions `vmap` make_model(data[g])'s over the groups.
@@ -71,10 +77,6 @@ def stack_groups(make_model: Callable[[PyTree], FeynmanKac], data: PyTree) -> Fe
     def flat(tree: PyTree) -> PyTree:
         return jax.tree_util.tree_map(lambda leaf: leaf.reshape((-1,) + leaf.shape[2:]), tree)
 
-    def split(tree: PyTree) -> PyTree:
-        return jax.tree_util.tree_map(lambda leaf: leaf.reshape((groups, -1) + leaf.shape[1:]),
-                                      tree)
-
     def init(keys, n):
         particles, log_weights = jax.vmap(lambda k, d: make_model(d).init(k, n))(keys, data)
         return flat(particles), log_weights.reshape(-1)
@@ -89,15 +91,17 @@ def stack_groups(make_model: Callable[[PyTree], FeynmanKac], data: PyTree) -> Fe
             finished = jnp.all(model.done(p))
             return jax.tree_util.tree_map(lambda a, b: jnp.where(finished, b, a), new, p), increments
 
-        particles, increments = jax.vmap(one)(keys, data, split(particles), *split(log_weights))
+        particles, increments = jax.vmap(one)(keys, data, group_rows(particles, groups),
+                                              *group_rows(log_weights, groups))
         return flat(particles), increments.reshape(-1)
 
     def move(keys, particles, t):
         return flat(jax.vmap(lambda k, d, p: make_model(d).move(k, p, t))(
-            keys, data, split(particles)))
+            keys, data, group_rows(particles, groups)))
 
     def done(particles):
-        return jax.vmap(lambda d, p: jnp.all(make_model(d).done(p)))(data, split(particles))
+        return jax.vmap(lambda d, p: jnp.all(make_model(d).done(p)))(
+            data, group_rows(particles, groups))
 
     return FeynmanKac(init=init, step=step, num_steps=template.num_steps,
                       done=None if template.done is None else done,

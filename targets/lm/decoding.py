@@ -39,6 +39,7 @@ import numpy as np
 
 from proposals import tokens as token_proposals
 from smc.engine import split_keys
+from smc.feynman_kac import group_rows
 from smc.validation import check_count, static_int
 from targets.lm.protocol import LanguageModel, check_language_model
 
@@ -127,8 +128,7 @@ def per_group(draw: Callable[..., Array], key: Array, groups: int | None, *rows:
     G consecutive groups, group g drawn with keys[g] as G separate calls would (vmap)."""
     if groups is None:
         return draw(key, *rows)
-    by_group = [r.reshape((groups, -1) + r.shape[1:]) for r in rows]
-    drawn = jax.vmap(draw)(key, *by_group)
+    drawn = jax.vmap(draw)(key, *group_rows(rows, groups))
     return drawn.reshape((-1,) + drawn.shape[2:])
 
 
