@@ -18,6 +18,7 @@ from targets.lm import potentials as P
 from targets.lm.twisted import twisted_smc
 from targets.toy.enumerable_lm import EnumerableLM
 from tests.test_power import TV_TOLERANCE, check_against_exact
+from tests.test_twisted_awrs import brackets
 
 LM = EnumerableLM(n_tokens=3, max_new=4, prompt_len=2)
 T = LM.max_new
@@ -60,6 +61,9 @@ CONFIGS = {
         P.product(P.banned_tokens([1]), P.token_count(0, 0.8)),
         lambda b: -np.inf if 1 in b else 0.8 * b.count(0),
         {"lookahead": 2, "block_size": 2, "temperature": 0.8, "ess_threshold": 0.7}),
+    # a host predicate drawn by AWRS (its rejection walk runs per group with the group's key)
+    "awrs_brackets": (
+        P.product(brackets(), P.token_count(2, 0.5)), None, {"ess_threshold": 0.9}),
 }
 FIELDS = ("log_weights", "log_evidence", "ess")
 

@@ -123,13 +123,14 @@ def split_key(key: Array, num: int, groups: int | None = None) -> Array:
     return split_keys(key, num)
 
 
-def per_group(draw: Callable[..., Array], key: Array, groups: int | None, *rows: Array) -> Array:
-    """draw(key, *rows) for rows [N, ...]; with `groups` = G, `key` holds G keys and the rows are
-    G consecutive groups, group g drawn with keys[g] as G separate calls would (vmap)."""
+def per_group(draw: Callable[..., Any], key: Array, groups: int | None, *rows: Array) -> Any:
+    """draw(key, *rows) (an array or a tree of arrays) for rows [N, ...]; with `groups` = G, `key`
+    holds G keys and the rows are G consecutive groups, group g drawn with keys[g] as G separate
+    calls would (vmap)."""
     if groups is None:
         return draw(key, *rows)
     drawn = jax.vmap(draw)(key, *group_rows(rows, groups))
-    return drawn.reshape((-1,) + drawn.shape[2:])
+    return jax.tree_util.tree_map(lambda leaf: leaf.reshape((-1,) + leaf.shape[2:]), drawn)
 
 
 def check_prompts(lm: LanguageModel, prompts: Any, prompt_lengths: Any, max_new_tokens: int
@@ -286,12 +287,17 @@ def draw_token(key: Array, state: SequenceState, logq_all: Array, eos_ids: tuple
     """
     tokens = per_group(categorical, key, groups, logq_all).astype(jnp.int32)
     logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
-    forced = jnp.zeros(tokens.shape, bool)
-    if forced_eos:
-        forced = state.length == state.tokens.shape[1] - 1
-        tokens = jnp.where(forced, eos_ids[0], tokens)
-        logq = jnp.where(forced, 0.0, logq)
-    return tokens, logq, forced
+    if not forced_eos:
+        return tokens, logq, jnp.zeros(tokens.shape, bool)
+    return force_eos(state, tokens, logq, eos_ids)
+
+
+def force_eos(state: SequenceState, tokens: Array, logq: Array, eos_ids: tuple[int, ...]
+              ) -> tuple[Array, Array, Array]:
+    """(tokens, log q, forced): rows about to take their T-th token get the first of `eos_ids`
+    from a point mass (log q = 0, `forced` True) in place of the drawn token."""
+    forced = state.length == state.tokens.shape[1] - 1
+    return (jnp.where(forced, eos_ids[0], tokens), jnp.where(forced, 0.0, logq), forced)
 
 
 def categorical(key: Array, logq_all: Array) -> Array:

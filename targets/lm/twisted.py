@@ -40,6 +40,18 @@ zero target mass, so the target and Z are unchanged, while no particle is lost t
 a row with no allowed token gets weight -inf (never NaN). The same masked q is used by the
 resample-move regeneration (its MH ratio uses the recorded log q).
 
+Rejection-sampled proposal (AWRS): when the potential can only *evaluate* candidate tokens
+(``accepts``: a grammar, a parser, any host predicate; `targets.lm.potentials.Potential`), token s
+is drawn by adaptive weighted rejection sampling (`proposals.awrs`, docs/algorithms.md section 8):
+tokens are drawn from q (masked first when the potential also has ``allowed``) without
+replacement, ``accepts`` is evaluated on each until one passes, once more on the next one, and the
+walk returns an estimate W of sum_v q(v) 1[v accepted] that is properly weighted with the drawn
+token, E[W 1{x = v}] = q(v) 1[v accepted]. The weight formula is the masked one with the exact
+normaliser replaced by W (``log q`` recorded = log q(x) - log W), so the SMC stays exact
+(random-weight SMC), and only the drawn tokens are evaluated: one evaluation per rejected token,
+plus two. An EOS candidate passes when ``complete`` of the body is finite. Not combined with
+``rejuvenate`` (its MH ratio needs the proposal's exact density).
+
 Lookahead (``lookahead = K > 0``): the twist of an unfinished prefix is estimated by K rollouts
 from p to the end (EOS or T tokens): ``psi_hat(y_1:s) = mean_k phi(y_1:s, Y^k)``, unbiased for
 ``psi(y_1:s) = E_p[phi(Y) | y_1:s]``, so that the intermediate targets are the marginals of Pi.
@@ -83,11 +95,13 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 import smc
-from proposals.tokens import filtered_logprobs
+from proposals.awrs import NO_CANDIDATE, awrs
+from proposals.tokens import NO_TOKEN, filtered_logprobs
 from smc.validation import static_bool, static_int, static_positive
 from targets.lm import decoding
 from targets.lm.decoding import SequenceState
 from targets.lm.potentials import Potential, check_allowed, check_potential
+from targets.lm.potentials.base import check_accepts
 
 Array = jax.Array
 LOOKAHEAD_FLOOR = 1e-3   # eps of the lookahead twist's defensive mixture (module docstring)
@@ -138,6 +152,13 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     masked = static_bool("mask_proposal", mask_proposal) and potential.allowed is not None
     if masked:
         check_allowed(potential, T, lm.vocab_size)
+    rejection = potential.accepts is not None
+    if rejection:
+        check_accepts(potential, T)
+        if rejuvenate:
+            raise ValueError("rejuvenate is not combined with a potential that has `accepts` "
+                             "(AWRS gives only an estimate of the proposal's normaliser, and the "
+                             "MH ratio needs its exact density)")
     prefix_fn = jax.vmap(potential.prefix)
     complete_fn = jax.vmap(potential.complete)
     num_blocks = -(-T // B)
@@ -172,6 +193,33 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     def proposal(s: SequenceState) -> Array:
         return proposal_and_allowed(s)[0]
 
+    def rejection_draw(key, s: SequenceState, logq_all: Array) -> tuple[Array, Array, Array]:
+        """(tokens [N], log q(x) - log W [N], a token was accepted [N]) by AWRS from log q
+        [N, V]; ended rows (and a forced EOS) take no evaluation."""
+        live = ~s.done
+        if forced_eos:
+            live = live & (s.length != T - 1)
+        final = (s.length + 1 >= T) | (forced_eos & (s.length + 2 >= T))
+        ends_ok = (jnp.isfinite(complete_fn(s.tokens, s.body_length)) if eos != (-1,)
+                   else jnp.zeros(live.shape, bool))
+
+        def draw(key, logq, tokens, body_length, final, ends_ok, live):
+            def accept(candidates):
+                end = decoding.is_eos(candidates, eos)
+                asked = jnp.where(end | ~live, NO_CANDIDATE, candidates)
+                ok = jax.vmap(potential.accepts)(tokens, body_length, asked, final)
+                # a row that needs no evaluation accepts its first draw: one round, no call
+                return jnp.where(live, jnp.where(end, ends_ok, ok), True)
+            return awrs(key, logq, accept)
+
+        drawn = decoding.per_group(draw, key, groups, logq_all, s.tokens, s.body_length, final,
+                                   ends_ok, live)
+        found = drawn.tokens != NO_TOKEN
+        # a row with no accepted token ends on the fill token, its weight -inf (some = False)
+        tokens = jnp.where(found, drawn.tokens, max(eos[0], 0)).astype(jnp.int32)
+        logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
+        return tokens, logq - drawn.log_weight, found
+
     def potential_of(s: SequenceState) -> Array:
         return jnp.where(s.done, complete_fn(s.tokens, s.body_length),
                          prefix_fn(s.tokens, s.body_length))
@@ -199,8 +247,14 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
         key_token, key_twist = decoding.split_key(key, 2, groups)
         live = ~s.done
         logq_all, some = proposal_and_allowed(s)
-        tokens, logq, _ = decoding.draw_token(key_token, s, logq_all, eos, forced_eos,
-                                              groups=groups)
+        if rejection:
+            tokens, logq, accepted = rejection_draw(key_token, s, logq_all)
+            some = some & accepted
+            if forced_eos:
+                tokens, logq, _ = decoding.force_eos(s, tokens, logq, eos)
+        else:
+            tokens, logq, _ = decoding.draw_token(key_token, s, logq_all, eos, forced_eos,
+                                                  groups=groups)
         lp_token = decoding.token_logprob(s, tokens)
         new = decoding.append(lm, params, prefilled, s, tokens, logq, eos)
         old = s.log_potential

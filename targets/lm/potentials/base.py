@@ -35,6 +35,17 @@ class Potential(NamedTuple):
     from the masked, renormalised model (an exact masked proposal, docs/algorithms.md section 8);
     True where the potential is -inf anyway is still exact, only less efficient.
 
+    A constraint that can only be *evaluated* token by token (a grammar, a parser, any host
+    predicate) may give instead (optional):
+
+        accepts(tokens, length, candidate, final) -> bool
+
+    for one candidate next token (an int32 scalar, never an EOS): False exactly where appending it
+    makes the potential -inf (``prefix``, or ``complete`` when ``final``). ``candidate`` -1 means
+    "nothing to evaluate here": the answer is ignored, and a host predicate should skip it.
+    `targets.lm.twisted` then draws tokens by adaptive weighted rejection sampling
+    (`proposals.awrs`, docs/algorithms.md section 8), evaluating only the tokens it draws.
+
     For the twisted SMC to be exact a prefix potential must be positive wherever some completion
     has a positive complete potential (``prefix = -inf`` only when every extension is forbidden);
     a hard constraint therefore gives ``-inf`` as soon as a prefix can no longer be completed
@@ -44,6 +55,7 @@ class Potential(NamedTuple):
     prefix: Callable[[Array, Array], Array]
     complete: Callable[[Array, Array], Array]
     allowed: Callable[[Array, Array, int, Array], Array] | None = None
+    accepts: Callable[[Array, Array, Array, Array], Array] | None = None
 
 
 def check_potential(potential: Potential, max_new_tokens: int) -> None:
@@ -59,6 +71,19 @@ def check_potential(potential: Potential, max_new_tokens: int) -> None:
                              f"sequence, got {getattr(out, 'shape', type(out).__name__)}")
         if not jnp.issubdtype(out.dtype, jnp.floating):
             raise ValueError(f"potential.{name} must return a float, got {out.dtype}")
+
+
+def check_accepts(potential: Potential, max_new_tokens: int) -> None:
+    """Raise ValueError unless ``potential.accepts`` (if any) returns a bool scalar."""
+    if potential.accepts is None:
+        return
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    out = jax.eval_shape(potential.accepts, jax.ShapeDtypeStruct((max_new_tokens,), jnp.int32),
+                         scalar, scalar, jax.ShapeDtypeStruct((), bool))
+    if getattr(out, "shape", None) != () or out.dtype != jnp.bool_:
+        raise ValueError(f"potential.accepts must return a bool scalar for one candidate, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} "
+                         f"{getattr(out, 'shape', '')}")
 
 
 def check_allowed(potential: Potential, max_new_tokens: int, vocab_size: int) -> None:

@@ -15,14 +15,19 @@ def product(*potentials: Potential) -> Potential:
     if not potentials:
         raise ValueError("product needs at least one potential")
     masked = [p.allowed for p in potentials if p.allowed is not None]
+    checked = [p.accepts for p in potentials if p.accepts is not None]
 
     def allowed(tok, n, vocab_size, final):   # -inf in any factor makes the product -inf
         return functools.reduce(jnp.logical_and, [a(tok, n, vocab_size, final) for a in masked])
 
+    def accepts(tok, n, candidate, final):
+        return functools.reduce(jnp.logical_and, [c(tok, n, candidate, final) for c in checked])
+
     return Potential(
         prefix=lambda tok, n: sum(p.prefix(tok, n) for p in potentials),
         complete=lambda tok, n: sum(p.complete(tok, n) for p in potentials),
-        allowed=allowed if masked else None)
+        allowed=allowed if masked else None,
+        accepts=accepts if checked else None)
 
 
 def terminal(reward: Callable[[Array, Array], Array], lam: float = 1.0) -> Potential:
