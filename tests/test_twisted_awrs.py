@@ -4,7 +4,7 @@
 Exactness on the enumerable toy LM of tests/test_power.py with its checks (Z_hat / Z z-test over R
 replicates, per-sequence z-tests, TV against its noise floor): balanced brackets, a context-free
 language no token automaton gives, as a host predicate on the text, alone (tempered, blocks of 2)
-and times a token-count reward; the target p(y) 1[balanced] exp(lam r(y)) by enumeration.
+and times a token-count reward, and as a Lark grammar checked by llguidance; the target p(y) 1[balanced] exp(lam r(y)) by enumeration.
 """
 import collections
 
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from targets.lm import potentials as P
+from targets.lm.potentials.grammar import lark_constraint
 from targets.lm.potentials.predicate import predicate_constraint, prefix_text
 from targets.lm.twisted import twisted_components, twisted_smc
 from tests.test_power import LM, TV_TOLERANCE, T, check_against_exact
@@ -39,6 +40,11 @@ def balanced(text):
     return open_brackets_ok(text) and list(depths(text))[-1:] in ([], [0])
 
 
+BRACKETS_LARK = """start: item*
+item: "(" item* ")" | "x"
+"""
+
+
 def brackets(evaluations=None):
     return predicate_constraint(open_brackets_ok, balanced, TEXT, name="brackets",
                                 evaluations=evaluations)
@@ -57,6 +63,9 @@ CONFIGS = {
     "brackets_tempered_block2": (
         brackets(), lambda b: 0.0 if balanced(text_of(b)) else -np.inf,
         {"temperature": 0.7, "block_size": 2}),
+    "lark_brackets": (
+        lark_constraint(BRACKETS_LARK, TEXT, special_ids=[3, 4]),
+        lambda b: 0.0 if balanced(text_of(b)) else -np.inf, {}),
     "brackets_times_reward": (
         P.product(brackets(), P.token_count(2, 0.8)),
         lambda b: 0.8 * b.count(2) if balanced(text_of(b)) else -np.inf, {}),

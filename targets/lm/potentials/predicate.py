@@ -1,5 +1,6 @@
-"""A hard constraint given as a Python predicate on the decoded text, evaluated on the HOST one
-candidate token at a time (docs/algorithms.md section 8).
+"""Hard constraints evaluated on the HOST one candidate token at a time (docs/algorithms.md
+section 8): `host_constraint` from any verdict on token ids, `predicate_constraint` from Python
+predicates on the decoded text, and the built-in `python_constraint`.
 
 For languages no finite automaton describes (a grammar, "this parses", "this validates"), the
 constraint is two functions of the text: ``prefix_ok(text)``, True when some continuation of
@@ -18,6 +19,7 @@ A predicate that raises stops the run with an error naming the constraint and th
 """
 from __future__ import annotations
 
+import ast
 import collections
 import functools
 from collections.abc import Callable, Sequence
@@ -50,11 +52,8 @@ def predicate_constraint(prefix_ok: Callable[[str], bool], complete_ok: Callable
         raise TypeError(f"constraint {name!r}: prefix_ok and complete_ok must be callables of a "
                         f"str")
     table = as_token_bytes(token_bytes)
-    counts = collections.Counter() if evaluations is None else evaluations
 
-    @functools.lru_cache(maxsize=cache_size)
     def verdict(ids: tuple, final: bool) -> bool:
-        counts["calls"] += 1
         data = b"".join(table[i] for i in ids)
         text = data.decode("utf-8", "replace") if final else prefix_text(data)
         try:
@@ -64,9 +63,30 @@ def predicate_constraint(prefix_ok: Callable[[str], bool], complete_ok: Callable
             raise RuntimeError(f"constraint {name!r}: {kind} raised on the text {text!r}: "
                                f"{error!r}") from error
 
+    return host_constraint(verdict, evaluations=evaluations, cache_size=cache_size)
+
+
+def host_constraint(verdict: Callable[[tuple, bool], bool], *,
+                    evaluations: collections.Counter | None = None,
+                    cache_size: int = 1 << 16) -> Potential:
+    """The `Potential` of a host ``verdict(ids, final) -> bool`` on token-id tuples: True when
+    the sequence ``ids`` can still be completed (``final`` False) or is complete (True).
+
+    prefix / complete = 0 where the verdict holds, else -inf; ``accepts(tokens, length, v,
+    final)`` = verdict(tokens[:length] + (v,), final). Verdicts are cached per (ids, final) and
+    counted in ``evaluations`` (``checks`` asked, ``calls`` computed). All three run through
+    ``jax.pure_callback``, one host call per batch of rows.
+    """
+    counts = collections.Counter() if evaluations is None else evaluations
+
+    @functools.lru_cache(maxsize=cache_size)
+    def cached(ids: tuple, final: bool) -> bool:
+        counts["calls"] += 1
+        return bool(verdict(ids, final))
+
     def ask(ids: tuple, final: bool) -> bool:
         counts["checks"] += 1
-        return verdict(ids, final)
+        return cached(ids, final)
 
     def rows(tokens, length, *more):
         tokens = np.asarray(tokens)
@@ -99,3 +119,42 @@ def predicate_constraint(prefix_ok: Callable[[str], bool], complete_ok: Callable
                                  jnp.asarray(final, bool), vmap_method="broadcast_all")
 
     return Potential(prefix=potential(False), complete=potential(True), accepts=accepts)
+
+
+# Messages of a SyntaxError that appending text can cure (the input stopped inside a string or
+# bracket, or before a block): never a reason to refuse a prefix.
+UNFINISHED = ("unterminated string literal", "unterminated triple-quoted string",
+              "was never closed", "unexpected EOF", "expected an indented block",
+              "incomplete input", "unterminated f-string")
+
+
+def python_prefix_ok(text: str) -> bool:
+    """False only when no continuation of ``text`` can be Python: it has a syntax error that ends
+    before its last line and is not one of the `UNFINISHED` kinds (an error on the last line
+    may go away as the last token grows: ``5e`` -> ``5e3``, ``2 i`` -> ``2 if c else 3``)."""
+    try:
+        compile(text, "<prefix>", "exec", flags=ast.PyCF_ONLY_AST, dont_inherit=True)
+        return True
+    except SyntaxError as error:
+        if any(kind in (error.msg or "") for kind in UNFINISHED):
+            return True
+        end = error.end_lineno or error.lineno or 0
+        return end >= text.count("\n") + 1 - (1 if text.endswith("\n") else 0)
+    except ValueError:   # null bytes: no continuation removes them
+        return False
+
+
+def python_complete_ok(text: str) -> bool:
+    """``text`` parses as a Python module (`ast.parse`)."""
+    try:
+        ast.parse(text)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def python_constraint(token_bytes: Sequence[bytes | str], **options) -> Potential:
+    """The text parses as Python (`python_complete_ok`); prefixes by `python_prefix_ok`, which
+    refuses only what no continuation can fix."""
+    return predicate_constraint(python_prefix_ok, python_complete_ok, token_bytes,
+                                **{"name": "Python syntax", **options})
