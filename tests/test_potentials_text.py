@@ -1,10 +1,10 @@
-"""Text-level potentials: character-level regular expressions (a byte DFA lifted to tokens) and
+"""Text-level potentials: character-level regular expressions (outlines-core's token automaton) and
 host-side text rewards (VADER sentiment), against independent oracles and exact targets.
 
 - The token-level potential on a vocabulary of multi-character tokens: its prefix / complete
   scores against the `regex` package (``fullmatch`` for complete, ``partial=True`` for "can this
-  prefix still be extended to a match") on the decoded text of random token sequences (the byte
-  DFA compiler alone: tests/test_potentials_regex.py).
+  prefix still be extended to a match") on the decoded text of random token sequences (the
+  compiler alone: tests/test_potentials_regex.py).
 - Twisted SMC on the enumerable toy LM whose tokens are given strings: the replicate-averaged
   weighted distribution and Z_hat against p(y) 1[text(y) matches] (the oracle is Python's ``re``),
   with the Monte Carlo tolerances of tests/test_power.py; the same for a VADER tilt exp(lam s(y)),

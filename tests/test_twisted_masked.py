@@ -4,20 +4,23 @@
   appending it leaves the prefix potential finite (the complete one when the sequence ends there).
 - Exactness on the enumerable toy LM of tests/test_power.py, with its Monte Carlo checks (Z_hat / Z
   mean-1 z-test over R replicates; per-sequence z-tests; TV against its noise floor): a character
-  regex ' ?\\d+\\.?' on string tokens (a token DFA underneath; tempered proposal, blocks of 2) and
-  a token DFA times soft rewards with a forced EOS (the mask then looks at ``complete`` one token
-  before the end). The targets are p(y) 1[y in L] exp(lam r(y)) by enumeration
-  (Python's ``re`` for the regex). The configurations of tests/test_twisted.py with banned tokens
+  regex ' ?\\d+\\.?' on string tokens (compiled by outlines-core; tempered proposal, blocks of 2),
+  a JSON Schema (strings of at most 2 characters over the tokens '"', 'a', 'b'), and a token DFA
+  times soft rewards with a forced EOS (the mask then looks at ``complete`` one token before the
+  end). The targets are p(y) 1[y in L] exp(lam r(y)) by enumeration (Python's ``re`` for the
+  regex, ``json.loads`` and `jsonschema` for the schema). The configurations of tests/test_twisted.py with banned tokens
   and DFAs (resample-move and lookahead among them) run masked too: it is the default.
 - Particle survival: an LM that puts all but 2e-60 of its mass on tokens the regex forbids loses
   every particle without the mask (deterministically, in float32) and none with it, and is exact
   with it; a row with no allowed token at all gets weight -inf, never NaN.
 """
 import itertools
+import json
 import re
 
 import jax
 import jax.numpy as jnp
+import jsonschema
 import numpy as np
 import pytest
 
@@ -30,6 +33,8 @@ PROMPT = jnp.array([LM.bos_id])
 EOS = LM.eos_ids[0]
 NUMBER_TOKENS = ["1", ".", " "]       # tokens 0, 1, 2 as text
 NUMBER = r" ?\d+\.?"
+STRING_TOKENS = ['"', "a", "b"]       # a JSON string over tokens 0, 1, 2
+SHORT_STRING = {"type": "string", "maxLength": 2}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +57,20 @@ def number_text(b):
     return "".join(NUMBER_TOKENS[t] for t in b)
 
 
+def json_valid(b, schema):
+    try:
+        return jsonschema.validators.validator_for(schema)(schema).is_valid(
+            json.loads("".join(STRING_TOKENS[t] for t in b)))
+    except json.JSONDecodeError:
+        return False
+
+
+def short_string():
+    # EOS and BOS are not text: special_ids keeps their literal names out of the language
+    return P.json_schema_constraint(SHORT_STRING, STRING_TOKENS + ["<eos>", "<bos>"],
+                                    special_ids=[EOS, LM.bos_id])
+
+
 def body(seq):
     return [x for x in seq if x != EOS]
 
@@ -62,6 +81,8 @@ CONFIGS = {
         P.regex_constraint(NUMBER, NUMBER_TOKENS + ["<eos>", "<bos>"]),
         lambda b: 0.0 if re.fullmatch(NUMBER, number_text(b)) else -np.inf,
         {"temperature": 0.7, "block_size": 2}),
+    "json_schema_string": (
+        short_string(), lambda b: 0.0 if json_valid(b, SHORT_STRING) else -np.inf, {}),
     "dfa_times_soft_rewards": (
         P.product(zero_then_two(), P.token_count(2, 0.9), P.length_potential(-0.3)),
         lambda b: 0.9 * b.count(2) - 0.3 * len(b) if in_zero_then_two(b) else -np.inf,
@@ -81,6 +102,8 @@ def exact_tilted(params, log_phi, forced_eos=False):
 def test_allowed_is_exactly_where_the_next_potential_is_finite():
     regex = P.regex_constraint(NUMBER, NUMBER_TOKENS + ["<eos>", "<bos>"])
     potentials = {"dfa": zero_then_two(), "regex": regex, "banned": P.banned_tokens([1]),
+                  "json": short_string(),
+                  "lazy_regex": P.regex_constraint(r"^(?:a|ab)+?b?$", ["a", "b", "ab"]),
                   "product": P.product(regex, P.banned_tokens([2]), P.token_count(0, 1.0))}
     V = LM.vocab_size
     rng = np.random.default_rng(0)

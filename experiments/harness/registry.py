@@ -55,7 +55,8 @@ MODULES: list[str] = ["experiments.suites.toys", "experiments.suites.fkc",
                       "experiments.benchmarks.resampling", "experiments.benchmarks.tempering",
                       "experiments.benchmarks.overhead", "experiments.benchmarks.fkc",
                       "experiments.benchmarks.power", "experiments.benchmarks.decode",
-                      "experiments.benchmarks.prompt_cache", "experiments.benchmarks.sampling"]
+                      "experiments.benchmarks.prompt_cache", "experiments.benchmarks.sampling",
+                      "experiments.benchmarks.constraints"]
 
 RunFn = Callable[..., dict]
 PlotFn = Callable[[list, Any], list]

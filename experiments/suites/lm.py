@@ -286,7 +286,8 @@ def _task(config: TwistedLMConfig, tokenizer):
                 lambda text: P.vader_compound(text) >= 0.05)    # VADER's "positive" label
     match = lambda text: re.fullmatch(NUMBER_FORMAT, text) is not None
     return (load_prompts(PROMPTS, config.num_prompts),
-            P.regex_constraint(NUMBER_FORMAT, token_bytes), lambda text: float(match(text)),
+            P.regex_constraint(NUMBER_FORMAT, token_bytes, special_ids=tokenizer.special_ids),
+            lambda text: float(match(text)),
             match)
 
 

@@ -101,7 +101,7 @@ from smc.validation import static_bool, static_int, static_positive
 from targets.lm import decoding
 from targets.lm.decoding import SequenceState
 from targets.lm.potentials import Potential, check_allowed, check_potential
-from targets.lm.potentials.base import check_accepts
+from targets.lm.potentials.base import SKIP_LENGTH, check_accepts
 
 Array = jax.Array
 LOOKAHEAD_FLOOR = 1e-3   # eps of the lookahead twist's defensive mixture (module docstring)
@@ -220,9 +220,14 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
         logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
         return tokens, logq - drawn.log_weight, found
 
+    def complete_of_done(s: SequenceState) -> Array:
+        """complete for the ended rows (SKIP_LENGTH for the others: a host potential, e.g. code
+        execution, then does no work for rows whose value is discarded)."""
+        return complete_fn(s.tokens, jnp.where(s.done, s.body_length, SKIP_LENGTH))
+
     def potential_of(s: SequenceState) -> Array:
-        return jnp.where(s.done, complete_fn(s.tokens, s.body_length),
-                         prefix_fn(s.tokens, s.body_length))
+        return jnp.where(s.done, complete_of_done(s),
+                         prefix_fn(s.tokens, jnp.where(s.done, SKIP_LENGTH, s.body_length)))
 
     def twist(key, s: SequenceState) -> Array:
         """log twist per row: the K-rollout estimate of E_p[phi | prefix] mixed with
@@ -260,7 +265,7 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
         old = s.log_potential
         if K:
             estimate = twist(key_twist, new) if block_end else old
-            log_pot = jnp.where(new.done, complete_fn(new.tokens, new.body_length), estimate)
+            log_pot = jnp.where(new.done, complete_of_done(new), estimate)
         else:
             log_pot = potential_of(new)
         log_pot = jnp.where(some, log_pot, -jnp.inf)

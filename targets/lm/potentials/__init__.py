@@ -11,11 +11,14 @@ every extension is forbidden.
 
 - ``base.py``: `Potential`, `check_potential`, `check_allowed`.
 - ``combinators.py``: `product` (sum of log-potentials), `terminal` (a reward at the end only).
-- ``tokens.py``: pure-JAX potentials of the token ids: `banned_tokens`, `dfa_constraint`,
+- ``tokens.py``: pure-JAX potentials of the token ids: `banned_tokens`, `dfa_constraint` (a
+  DFA over token ids, stored compactly as next states per token class: `TokenDFA`, `sparse_dfa`),
   `length_potential`, `exact_answer`, `token_count`.
-- ``regex.py``: a regular expression over the decoded text compiled on the host to a DFA over
-  bytes (`regex_dfa`, `ByteDFA`), lifted to token ids (`lift_dfa`), as a `dfa_constraint`
-  (`regex_constraint`): exact and fully in JAX at run time.
+- ``regex.py``: a Python regular expression over the decoded text (``re.fullmatch``'s language),
+  compiled on the host by outlines-core to a token-level DFA (`regex_token_dfa`), as a
+  `dfa_constraint` (`regex_constraint`): exact and fully in JAX at run time.
+- ``json_schema.py``: a JSON Schema as outlines-core's regex of the documents it accepts
+  (`json_schema_regex`), as a `regex_constraint` (`json_schema_constraint`).
 - ``text.py``: any Python function of the decoded text, run on the HOST through
   ``jax.pure_callback`` (`text_reward`, `vader_sentiment`), and `text_decoder`.
 
@@ -25,26 +28,24 @@ model.
 """
 from targets.lm.potentials.base import Array, Potential, check_allowed, check_potential
 from targets.lm.potentials.combinators import product, terminal
-from targets.lm.potentials.regex import (
-    MAX_DFA_STATES,
-    ByteDFA,
-    lift_dfa,
-    regex_constraint,
-    regex_dfa,
-)
+from targets.lm.potentials.json_schema import json_schema_constraint, json_schema_regex
+from targets.lm.potentials.regex import regex_constraint, regex_token_dfa, rust_regex
 from targets.lm.potentials.text import text_decoder, text_reward, vader_compound, vader_sentiment
 from targets.lm.potentials.tokens import (
+    TokenDFA,
     banned_tokens,
     dfa_constraint,
     exact_answer,
     length_potential,
+    sparse_dfa,
     token_count,
 )
 from targets.lm.tokenizer import token_bytes_of
 
 __all__ = [
-    "MAX_DFA_STATES", "Array", "ByteDFA", "Potential", "banned_tokens", "check_allowed",
-    "check_potential", "dfa_constraint", "exact_answer", "length_potential", "lift_dfa",
-    "product", "regex_constraint", "regex_dfa", "terminal", "text_decoder", "text_reward",
-    "token_bytes_of", "token_count", "vader_compound", "vader_sentiment",
+    "Array", "Potential", "TokenDFA", "banned_tokens", "check_allowed", "check_potential",
+    "dfa_constraint", "exact_answer", "json_schema_constraint", "json_schema_regex",
+    "length_potential", "product", "regex_constraint", "regex_token_dfa", "rust_regex",
+    "sparse_dfa", "terminal", "text_decoder", "text_reward", "token_bytes_of", "token_count",
+    "vader_compound", "vader_sentiment",
 ]

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+SKIP_LENGTH = -1   # `length` of a row whose potential value the SMC code discards
 
 
 class Potential(NamedTuple):
@@ -45,6 +46,10 @@ class Potential(NamedTuple):
     "nothing to evaluate here": the answer is ignored, and a host predicate should skip it.
     `targets.lm.twisted` then draws tokens by adaptive weighted rejection sampling
     (`proposals.awrs`, docs/algorithms.md section 8), evaluating only the tokens it draws.
+
+    The SMC code may ask for ``prefix`` or ``complete`` with ``length`` = `SKIP_LENGTH` (-1) for
+    rows whose value it discards (a finished row's prefix, an unfinished row's complete): the
+    result may be any float, and a host potential should skip the work (`text_reward` does).
 
     For the twisted SMC to be exact a prefix potential must be positive wherever some completion
     has a positive complete potential (``prefix = -inf`` only when every extension is forbidden);

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from targets.lm.potentials.base import Potential
+from targets.lm.potentials.base import SKIP_LENGTH, Potential
 from targets.lm.tokenizer import as_token_bytes
 
 
@@ -96,7 +96,7 @@ def host_constraint(verdict: Callable[[tuple, bool], bool], *,
 
     def host_potential(tokens, length, final):
         tokens, (length, final), batch = rows(tokens, length, final)
-        out = [0.0 if ask(tuple(int(x) for x in t[:n]), bool(f)) else -np.inf
+        out = [0.0 if n == SKIP_LENGTH or ask(tuple(int(x) for x in t[:n]), bool(f)) else -np.inf
                for t, n, f in zip(tokens, length, final)]
         return np.asarray(out, np.float32).reshape(batch)
 

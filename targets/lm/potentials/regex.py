@@ -1,322 +1,241 @@
-"""Regular expressions over the decoded text as a token-level DFA (docs/algorithms.md section 8).
+"""Regular expressions over the decoded text as a token-level automaton (docs/algorithms.md
+section 8), compiled by outlines-core.
 
-A pattern (a small subset, `regex_dfa`) is parsed, built into a Thompson NFA over UTF-8 bytes and
-determinised into a `ByteDFA`; `lift_dfa` runs every token's bytes through it to get a
-token-level table ``[states, vocab]``, and `regex_constraint` makes that a `dfa_constraint`, so
-the constraint is exact and fully in JAX at run time. Everything but `regex_constraint` is host
-code (Python and numpy, no JAX), cached per pattern.
+The language is the one ``re.fullmatch(pattern, text)`` accepts on a ``str``: the pattern is read
+by Python's own parser and written out for outlines-core (Rust's regex-automata syntax) with every
+character class spelled out as code-point ranges taken from ``re`` itself (Unicode ``\\d \\w \\s``,
+``.`` without the newline unless ``(?s)``, ``(?a)`` ...), so no construct means two things.
+Constructs outside regular languages, or whose meaning a DFA cannot keep, raise ValueError:
+backreferences, lookarounds, ``\\b``, possessive quantifiers and atomic groups, case-insensitive
+matching, and anchors anywhere but at the very start / end (where they change nothing). Lazy
+quantifiers match what greedy ones do under ``fullmatch``.
+
+outlines-core's `Index` runs every token's bytes through the byte-level DFA and returns the
+token-level transitions sparsely; `targets.lm.potentials.tokens.sparse_dfa` folds them into the
+compact `TokenDFA` (next state per token class), which `dfa_constraint` runs in JAX. Two details
+keep the token automaton exactly the regex's:
+
+- outlines-core (0.2.14) drops a token when the text just before the token's last byte already
+  matches and the text with it does not yet (``ab(cd)?`` loses ``abcd`` spelt ``a b c d``), and
+  its leftmost-first DFA stops following lower-priority branches after a match (``a|ab`` loses
+  ``ab``). We compile the pattern followed by an end marker, U+10FFFF (a Unicode noncharacter), so
+  that nothing matches before the marker; a state is accepting when the marker leads to a match.
+  Classes exclude U+10FFFF: that one character is never matched (the only difference from
+  ``re.fullmatch``).
+- Tokens go in as their exact bytes, each id separately (duplicates allowed); a token with no
+  bytes and the ids in ``special_ids`` get no transition (never allowed). Every single byte is
+  added under an id past the vocabulary, so that outlines-core sees a way out of every state of
+  the regex; those ids are dropped again, and liveness is decided over the real tokens.
+
+Compiled automata are cached per (pattern, vocabulary, special ids).
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from smc.optional import require
+from targets.lm.potentials.tokens import TokenDFA, dfa_constraint, sparse_dfa
 from targets.lm.tokenizer import as_token_bytes
+
+try:  # Python's own regex parser: the only way to read a pattern exactly as `re` does
+    from re import _parser as sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse
 
 if TYPE_CHECKING:
     from targets.lm.potentials.base import Potential
 
+END_MARKER = 0x10FFFF
+_CODE_POINTS = 0x110000
+_NEVER = r"[^\x{0}-\x{10FFFF}]"      # an empty class: matches nothing
+_CATEGORIES = {"CATEGORY_DIGIT": r"\d", "CATEGORY_NOT_DIGIT": r"\D", "CATEGORY_SPACE": r"\s",
+               "CATEGORY_NOT_SPACE": r"\S", "CATEGORY_WORD": r"\w", "CATEGORY_NOT_WORD": r"\W"}
+_START_ANCHORS = (sre_parse.AT_BEGINNING, sre_parse.AT_BEGINNING_STRING)
+_END_ANCHORS = (sre_parse.AT_END, sre_parse.AT_END_STRING)
+_REFUSED = {
+    sre_parse.GROUPREF: "backreferences are not regular",
+    sre_parse.GROUPREF_EXISTS: "conditional groups (?(1)...) are not regular",
+    sre_parse.ASSERT: "lookarounds are not supported",
+    sre_parse.ASSERT_NOT: "lookarounds are not supported",
+}
+for _name in ("POSSESSIVE_REPEAT", "ATOMIC_GROUP"):   # Python >= 3.11
+    if hasattr(sre_parse, _name):
+        _REFUSED[getattr(sre_parse, _name)] = ("possessive quantifiers and atomic groups change "
+                                               "which texts match; not supported")
 
-class ByteDFA(NamedTuple):
-    """A DFA over bytes: ``transitions [S, 256]`` (-1 = dead), ``start``, ``accepting [S]``."""
 
-    transitions: np.ndarray
-    start: int
-    accepting: np.ndarray
-
-
-_ASCII_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
-_ASCII_CLASSES = {"d": frozenset(b"0123456789"), "w": _ASCII_WORD,
-                  "s": frozenset(b" \t\n\r\f\v")}
-_ESCAPES = {"n": ord("\n"), "t": ord("\t"), "r": ord("\r"), "f": ord("\f"), "v": ord("\v")}
-_META = set("\\.[]()|*+?{}^$")
-MAX_DFA_STATES = 4096
+@functools.cache
+def _category_mask(category: str, ascii_only: bool) -> np.ndarray:
+    """bool [0x110000]: the code points that ``re`` matches with ``\\d``, ``\\W`` ..."""
+    everything = "".join(map(chr, range(_CODE_POINTS)))
+    mask = np.zeros(_CODE_POINTS, bool)
+    for run in re.finditer(_CATEGORIES[category] + "+", everything, re.ASCII if ascii_only else 0):
+        mask[run.start():run.end()] = True
+    mask.setflags(write=False)
+    return mask
 
 
-class _Parser:
-    """Recursive descent over the pattern; builds an AST of ('set' | 'cat' | 'alt' | 'rep') nodes.
+def _as_class(mask: np.ndarray) -> str:
+    """A character class of the code points in ``mask``, less surrogates and the end marker."""
+    mask = mask.copy()
+    mask[0xD800:0xE000] = False     # never in UTF-8 text
+    mask[END_MARKER] = False
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.view(np.int8), [0]])))
+    if edges.size == 0:
+        return _NEVER
+    ranges = (f"\\x{{{lo:X}}}" if lo == hi else f"\\x{{{lo:X}}}-\\x{{{hi:X}}}"
+              for lo, hi in zip(edges[0::2], edges[1::2] - 1))
+    return "[" + "".join(ranges) + "]"
 
-    A 'set' node is (ascii_bytes: frozenset, non_ascii: bool): the ASCII bytes it matches and
-    whether it matches every non-ASCII character (a negated class, ``.``, ``\\D`` ...).
-    """
+
+@functools.lru_cache(maxsize=1024)
+def _set_class(items: tuple, ascii_only: bool) -> str:
+    """The class of a parsed ``[...]`` (or ``\\d`` ..., which the parser reads as one)."""
+    mask = np.zeros(_CODE_POINTS, bool)
+    negate = bool(items) and items[0][0] is sre_parse.NEGATE
+    for op, av in items[negate:]:
+        if op is sre_parse.LITERAL:
+            mask[av] = True
+        elif op is sre_parse.RANGE:
+            mask[av[0]:av[1] + 1] = True
+        elif op is sre_parse.CATEGORY and str(av) in _CATEGORIES:
+            mask |= _category_mask(str(av), ascii_only)
+        else:                                     # nothing else comes out of the parser
+            raise ValueError(f"unsupported item {op} {av} in a character class")
+    return _as_class(~mask if negate else mask)
+
+
+class _Writer:
+    """Writes a parsed Python pattern in regex-automata syntax, with the same language."""
 
     def __init__(self, pattern: str):
-        self.p, self.i = pattern, 0
+        self.pattern = pattern
 
-    def error(self, message: str):
-        return ValueError(f"regex {self.p!r}, position {self.i}: {message}")
+    def refuse(self, why: str) -> ValueError:
+        return ValueError(f"regex {self.pattern!r}: {why}")
 
-    def peek(self):
-        return self.p[self.i] if self.i < len(self.p) else None
+    def sequence(self, items, flags: int, at_start: bool, at_end: bool) -> str:
+        items = list(items)
+        out = []
+        for i, (op, av) in enumerate(items):
+            # an anchor changes nothing where only anchors stand between it and the text's edge
+            start = at_start and all(o is sre_parse.AT and a in _START_ANCHORS
+                                     for o, a in items[:i])
+            end = at_end and all(o is sre_parse.AT and a in _END_ANCHORS
+                                 for o, a in items[i + 1:])
+            out.append(self.item(op, av, flags, start, end))
+        return "".join(out)
 
-    def take(self):
-        c = self.peek()
-        self.i += 1
-        return c
-
-    def parse(self):
-        node = self.alternation()
-        if self.i != len(self.p):
-            raise self.error(f"unexpected {self.p[self.i]!r}")
-        return node
-
-    def alternation(self):
-        branches = [self.concatenation()]
-        while self.peek() == "|":
-            self.take()
-            branches.append(self.concatenation())
-        return branches[0] if len(branches) == 1 else ("alt", branches)
-
-    def concatenation(self):
-        items = []
-        while self.peek() not in (None, "|", ")"):
-            items.append(self.repetition())
-        return ("cat", items)
-
-    def repetition(self):
-        node = self.atom()
-        if self.peek() in ("*", "+", "?", "{"):
-            c = self.take()
-            if c == "*":
-                node = ("rep", node, 0, None)
-            elif c == "+":
-                node = ("rep", node, 1, None)
-            elif c == "?":
-                node = ("rep", node, 0, 1)
-            else:
-                end = self.p.find("}", self.i)
-                body = self.p[self.i:end] if end >= 0 else ""
-                lo, _, hi = body.partition(",")
-                if end < 0 or not lo.isdigit() or not (hi.isdigit() or hi == ""):
-                    raise self.error("bad repetition, use {m}, {m,} or {m,n}")
-                lo_n = int(lo)
-                hi_n = lo_n if "," not in body else (None if hi == "" else int(hi))
-                if hi_n is not None and hi_n < lo_n:
-                    raise self.error(f"bad repetition {{{body}}}")
-                self.i = end + 1
-                node = ("rep", node, lo_n, hi_n)
-            if self.peek() in ("?", "+"):
-                raise self.error("lazy or possessive quantifiers are not supported")
-            if self.peek() in ("*", "{"):   # as Python's re: `a**` is an error, not (a*)*
-                raise self.error("multiple repeat")
-        return node
-
-    def atom(self):
-        c = self.take()
-        if c == "(":
-            if self.p.startswith("?:", self.i):
-                self.i += 2
-            elif self.peek() == "?":
-                raise self.error("only (...) and (?:...) groups are supported")
-            node = self.alternation()
-            if self.take() != ")":
-                raise self.error("missing )")
-            return node
-        if c == ".":
-            return ("set", frozenset(range(128)) - {ord("\n")}, True)
-        if c == "[":
-            return self.char_class()
-        if c == "\\":
-            return self.escape(in_class=False)
-        if c in ("^", "$"):
-            raise self.error("anchors are not supported: the whole text must match the pattern")
-        if c in _META:
-            raise self.error(f"unexpected {c!r}")
-        return self.literal(c)
-
-    def literal(self, c: str):
-        data = c.encode("utf-8")
-        return ("cat", [("set", frozenset([b]), False) for b in data])
-
-    def escape(self, in_class: bool):
-        c = self.take()
-        if c is None:
-            raise self.error("pattern ends with a backslash")
-        if c.lower() in _ASCII_CLASSES:
-            chars = _ASCII_CLASSES[c.lower()]
-            if c.islower():
-                return ("set", chars, False)
-            return ("set", frozenset(range(128)) - chars, True)
-        if c in _ESCAPES:
-            return ("set", frozenset([_ESCAPES[c]]), False)
-        if c.isalnum():
-            raise self.error(f"unsupported escape \\{c}")
-        return ("set", frozenset([ord(c)]), False) if ord(c) < 128 else self.literal(c)
-
-    def char_class(self):
-        negate = self.peek() == "^"
-        if negate:
-            self.take()
-        chars, first = set(), True
-        while True:
-            c = self.take()
-            if c is None:
-                raise self.error("missing ]")
-            if c == "]" and not first:
-                break
-            first = False
-            if c == "\\":
-                node = self.escape(in_class=True)
-                if node[0] != "set" or node[2]:
-                    raise self.error("negated escapes (\\D, \\W, \\S) inside [] are not supported")
-                chars |= node[1]
-                continue
-            if ord(c) >= 128:
-                raise self.error("non-ASCII characters inside [] are not supported")
-            if self.peek() == "-" and self.i + 1 < len(self.p) and self.p[self.i + 1] != "]":
-                self.take()
-                hi = self.take()
-                if hi == "\\" or ord(hi) >= 128 or ord(hi) < ord(c):
-                    raise self.error(f"bad range {c}-{hi}")
-                chars |= set(range(ord(c), ord(hi) + 1))
-            else:
-                chars.add(ord(c))
-        if negate:
-            return ("set", frozenset(range(128)) - chars, True)
-        return ("set", frozenset(chars), False)
+    def item(self, op, av, flags: int, at_start: bool, at_end: bool) -> str:
+        if flags & re.IGNORECASE:
+            raise self.refuse("case-insensitive matching ((?i), re.IGNORECASE) is not supported; "
+                              "spell the cases out, e.g. [aA]")
+        ascii_only = bool(flags & re.ASCII)
+        if op is sre_parse.LITERAL:
+            return _NEVER if 0xD800 <= av < 0xE000 or av == END_MARKER else f"\\x{{{av:X}}}"
+        if op is sre_parse.NOT_LITERAL:
+            return _as_class(np.arange(_CODE_POINTS) != av)
+        if op is sre_parse.ANY:
+            return _as_class(np.arange(_CODE_POINTS) != (-1 if flags & re.DOTALL else ord("\n")))
+        if op is sre_parse.IN:
+            return _set_class(tuple(av), ascii_only)
+        if op is sre_parse.BRANCH:
+            return "(?:" + "|".join(self.sequence(branch, flags, at_start, at_end)
+                                    for branch in av[1]) + ")"
+        if op is sre_parse.SUBPATTERN:
+            _, add, remove, body = av
+            return "(?:" + self.sequence(body, (flags | add) & ~remove, at_start, at_end) + ")"
+        if op in (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT):   # lazy: same language
+            low, high, body = av
+            count = (f"{{{low},}}" if high == sre_parse.MAXREPEAT
+                     else f"{{{low}}}" if high == low else f"{{{low},{high}}}")
+            return "(?:" + self.sequence(body, flags, False, False) + ")" + count
+        if op is sre_parse.AT:
+            if (av in _START_ANCHORS and at_start) or (av in _END_ANCHORS and at_end):
+                return ""
+            if av in _START_ANCHORS + _END_ANCHORS:
+                raise self.refuse("anchors (^ $ \\A \\Z) are only supported at the very start or "
+                                  "end of the pattern: the whole text must match anyway")
+            raise self.refuse("word boundaries (\\b, \\B) are not supported")
+        raise self.refuse(_REFUSED.get(op, f"unsupported construct {op}"))
 
 
-def _any_non_ascii():
-    """One UTF-8 encoded non-ASCII character (lead byte, then 1-3 continuation bytes)."""
-    cont = ("set", frozenset(range(0x80, 0xC0)), False)
-    return ("alt", [("cat", [("set", frozenset(range(0xC2, 0xE0)), False), cont]),
-                    ("cat", [("set", frozenset(range(0xE0, 0xF0)), False), cont, cont]),
-                    ("cat", [("set", frozenset(range(0xF0, 0xF5)), False), cont, cont, cont])])
-
-
-class _NFA:
-    """Thompson NFA: edges[state] = list of (byte set or None for epsilon, target)."""
-
-    def __init__(self):
-        self.edges: list[list] = []
-
-    def new(self) -> int:
-        self.edges.append([])
-        return len(self.edges) - 1
-
-    def build(self, node) -> tuple[int, int]:
-        kind = node[0]
-        start, end = self.new(), self.new()
-        if kind == "set":
-            _, chars, non_ascii = node
-            if chars:
-                self.edges[start].append((chars, end))
-            if non_ascii:
-                s, e = self.build(_any_non_ascii())
-                self.edges[start].append((None, s))
-                self.edges[e].append((None, end))
-        elif kind == "cat":
-            current = start
-            for item in node[1]:
-                s, e = self.build(item)
-                self.edges[current].append((None, s))
-                current = e
-            self.edges[current].append((None, end))
-        elif kind == "alt":
-            for item in node[1]:
-                s, e = self.build(item)
-                self.edges[start].append((None, s))
-                self.edges[e].append((None, end))
-        else:  # ("rep", node, lo, hi)
-            _, item, lo, hi = node
-            current = start
-            for _ in range(lo):
-                s, e = self.build(item)
-                self.edges[current].append((None, s))
-                current = e
-            if hi is None:
-                s, e = self.build(item)
-                self.edges[current].append((None, s))
-                self.edges[e].append((None, s))
-                self.edges[e].append((None, end))
-            else:
-                for _ in range(hi - lo):
-                    s, e = self.build(item)
-                    self.edges[current].append((None, s))
-                    self.edges[current].append((None, end))
-                    current = e
-            self.edges[current].append((None, end))
-        return start, end
-
-    def closure(self, states) -> frozenset:
-        stack, seen = list(states), set(states)
-        while stack:
-            for chars, target in self.edges[stack.pop()]:
-                if chars is None and target not in seen:
-                    seen.add(target)
-                    stack.append(target)
-        return frozenset(seen)
-
-
-@functools.lru_cache(maxsize=64)
-def regex_dfa(pattern: str) -> ByteDFA:
-    """Compile a regular expression to a DFA over UTF-8 bytes (whole-text match).
-
-    The subset: literals, ``.``, ``[...]`` / ``[^...]`` with ASCII ranges, ``\\d \\w \\s`` (ASCII,
-    as with ``re.ASCII``) and their negations, escapes, ``(...)``, ``(?:...)``, ``|``, ``* + ?``,
-    ``{m}``, ``{m,}``, ``{m,n}``. ``.`` and negated sets match any non-ASCII character (all its
-    bytes). It matches the text exactly as ``re.fullmatch(pattern, text, re.ASCII)`` would.
-    Anchors, lazy quantifiers, backreferences and lookarounds raise ValueError.
-    """
+def rust_regex(pattern: str) -> str:
+    """``pattern`` (Python syntax, whole-text match) in regex-automata syntax with the same
+    language, the end marker excluded; ValueError naming the pattern if Python rejects it or it
+    uses a construct that has no such equivalent."""
     if not isinstance(pattern, str):
         raise TypeError(f"pattern must be a str, got {type(pattern).__name__}")
-    nfa = _NFA()
-    nfa_start, nfa_end = nfa.build(_Parser(pattern).parse())
-    start = nfa.closure([nfa_start])
-    index, order, rows = {start: 0}, [start], []
-    while len(rows) < len(order):
-        current = order[len(rows)]
-        row = np.full(256, -1, np.int64)
-        targets: dict[int, set] = {}
-        for state in current:
-            for chars, target in nfa.edges[state]:
-                if chars is not None:
-                    for b in chars:
-                        targets.setdefault(b, set()).add(target)
-        for b, states in targets.items():
-            nxt = nfa.closure(states)
-            if nxt not in index:
-                if len(order) >= MAX_DFA_STATES:
-                    raise ValueError(f"regex {pattern!r} needs more than {MAX_DFA_STATES} DFA "
-                                     f"states; simplify it")
-                index[nxt] = len(order)
-                order.append(nxt)
-            row[b] = index[nxt]
-        rows.append(row)
-    transitions, accepting = np.stack(rows), np.array([nfa_end in s for s in order])
-    transitions.setflags(write=False)   # shared through the cache
-    accepting.setflags(write=False)
-    return ByteDFA(transitions, 0, accepting)
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"regex {pattern!r} is not a valid Python regular expression: "
+                         f"{error}") from None
+    parsed = sre_parse.parse(pattern)
+    return _Writer(pattern).sequence(parsed, parsed.state.flags, True, True)
 
 
-def lift_dfa(dfa: ByteDFA, token_bytes: Sequence[bytes | str]) -> tuple[np.ndarray, int,
-                                                                         np.ndarray]:
-    """The token-level DFA ``(transitions [S, V], start, accepting [S])`` of a byte DFA: the
-    transition of token v from state s runs v's bytes through the byte DFA (-1 once dead)."""
+@functools.lru_cache(maxsize=32)
+def _compile(pattern: str, token_bytes: tuple[bytes, ...], special_ids: frozenset) -> TokenDFA:
+    V = len(token_bytes)
+    marker, eos = V, V + 1             # ids past the vocabulary, dropped by sparse_dfa
+    ids: dict[bytes, list[int]] = {}
+    for i, b in enumerate(token_bytes):
+        if b and i not in special_ids:
+            ids.setdefault(b, []).append(i)
+    ids.setdefault(chr(END_MARKER).encode(), []).append(marker)
+    for byte in range(256):            # a way out of every state of the regex, see above
+        ids.setdefault(bytes([byte]), []).append(V + 2 + byte)
+    automaton = f"(?:{rust_regex(pattern)})\\x{{{END_MARKER:X}}}"
+    outlines_core = require("outlines_core", "lm", "a regex or JSON Schema constraint")
+    try:
+        index = outlines_core.Index(automaton, outlines_core.Vocabulary(eos, ids))
+    except ValueError as error:
+        raise ValueError(f"regex {pattern!r}: no text matches it, or outlines-core cannot "
+                         f"compile it ({error})") from None
+    transitions = index.get_transitions()
+    finals = index.get_final_states()
+    accepting = [s for s, row in transitions.items() if row.get(marker) in finals]
+    dfa = sparse_dfa(transitions, index.get_initial_state(), accepting, V)
+    for array in (dfa.transitions, dfa.accepting, dfa.token_class):
+        array.setflags(write=False)    # shared through the cache
+    return dfa
+
+
+def clear_cache() -> None:
+    """Forget the compiled automata (benchmarks time compilation with it)."""
+    _compile.cache_clear()
+
+
+def regex_token_dfa(pattern: str, token_bytes: Sequence[bytes | str],
+              special_ids: Iterable[int] = ()) -> TokenDFA:
+    """The compact token-level DFA (`TokenDFA`) of ``re.fullmatch(pattern, text)``, where text
+    is the UTF-8 decoding of the tokens' bytes; ``special_ids`` (e.g. a `Tokenizer`'s
+    ``special_ids``) are not text and never allowed. Host code; cached."""
     table = as_token_bytes(token_bytes)
-    S = dfa.transitions.shape[0]
-    lengths = np.array([len(b) for b in table])
-    width = max(1, int(lengths.max()))
-    data = np.zeros((len(table), width), np.int64)
-    for v, b in enumerate(table):
-        data[v, :len(b)] = np.frombuffer(b, np.uint8)
-    sink = np.concatenate([np.where(dfa.transitions < 0, S, dfa.transitions),
-                           np.full((1, 256), S)])            # state S: dead, absorbing
-    state = np.repeat(np.arange(S)[:, None], len(table), axis=1)   # [S, V]
-    for i in range(width):
-        state = np.where(i < lengths[None, :], sink[state, data[None, :, i]], state)
-    return np.where(state == S, -1, state), dfa.start, dfa.accepting
+    special = frozenset(int(i) for i in special_ids)
+    if any(not 0 <= i < len(table) for i in special):
+        raise ValueError(f"special_ids must be token ids in [0, {len(table)})")
+    return _compile(pattern, tuple(table), special)
 
 
-def regex_constraint(pattern: str, token_bytes: Sequence[bytes | str]) -> Potential:
-    """Hard constraint: the decoded text must match ``pattern`` (whole text, `regex_dfa` subset).
+def regex_constraint(pattern: str, token_bytes: Sequence[bytes | str], *,
+                     special_ids: Iterable[int] = ()) -> Potential:
+    """Hard constraint: the decoded text must match ``pattern`` as ``re.fullmatch`` does (Python
+    syntax; the module docstring lists what is refused).
 
-    prefix = 0 while some continuation can still complete a match, else -inf; complete = 0 iff the
-    text matches. Exact and pure JAX (`dfa_constraint` on the lifted token-level DFA).
+    prefix = 0 while some continuation of tokens can still complete a match, else -inf; complete
+    = 0 iff the text matches. Exact and pure JAX at run time (`dfa_constraint` on `regex_token_dfa`).
+    ``special_ids``: token ids that are not text (control tokens), never allowed; the EOS is
+    decided by the SMC code from ``complete``. ValueError naming the pattern when no sequence of
+    these tokens matches it.
     """
-    # imported here so that the compiler above loads (and is tested) without JAX
-    from targets.lm.potentials.tokens import dfa_constraint
-    return dfa_constraint(*lift_dfa(regex_dfa(pattern), token_bytes))
+    dfa = regex_token_dfa(pattern, token_bytes, special_ids)
+    if not dfa.accepting.any():
+        raise ValueError(f"regex {pattern!r}: no sequence of these tokens matches it")
+    return dfa_constraint(*dfa)

@@ -18,7 +18,7 @@ import numpy as np
 
 from smc.optional import require
 from smc.validation import static_bool, static_finite
-from targets.lm.potentials.base import Potential
+from targets.lm.potentials.base import SKIP_LENGTH, Potential
 from targets.lm.tokenizer import as_token_bytes
 
 
@@ -49,8 +49,8 @@ def text_reward(score: Callable[[str], float], token_bytes: Sequence[bytes | str
         tokens, length = np.asarray(tokens), np.asarray(length)
         flat_tok = tokens.reshape(-1, tokens.shape[-1])
         flat_len = np.broadcast_to(length, tokens.shape[:-1]).reshape(-1)
-        out = np.array([cached(tuple(int(x) for x in t[:n])) for t, n in zip(flat_tok, flat_len)],
-                       np.float32)
+        out = np.array([cached(tuple(int(x) for x in t[:n])) if n != SKIP_LENGTH else 0.0
+                        for t, n in zip(flat_tok, flat_len)], np.float32)
         return (lam * out).reshape(tokens.shape[:-1]).astype(np.float32)
 
     def log_phi(tokens, length):
