@@ -100,8 +100,13 @@ from proposals.tokens import NO_TOKEN, filtered_logprobs
 from smc.validation import static_bool, static_int, static_positive
 from targets.lm import decoding
 from targets.lm.decoding import SequenceState
-from targets.lm.potentials import Potential, check_allowed, check_potential
-from targets.lm.potentials.base import SKIP_LENGTH, check_accepts
+from targets.lm.potentials import (
+    SKIP_LENGTH,
+    Potential,
+    check_accepts,
+    check_allowed,
+    check_potential,
+)
 
 Array = jax.Array
 LOOKAHEAD_FLOOR = 1e-3   # eps of the lookahead twist's defensive mixture (module docstring)
