@@ -75,6 +75,31 @@ def test_dsm_loss_at_the_exact_optimum_of_gaussian_data():
     assert worse.mean() - exact > 4 * se
 
 
+def test_flow_matching_loss_at_the_exact_optimum_of_gaussian_data():
+    """x0 ~ N(0, s^2 I), x_t = (1 - t) x0 + t eps: E[eps - x0 | x_t] = (t - (1 - t) s^2) x_t / D,
+    D = (1 - t)^2 s^2 + t^2, with residual variance s^2 / D per coordinate, so the expected loss
+    of that predictor is E_t[s^2 / D] (t ~ U(t_min, 1 - t_min)). Within 4 standard errors; a
+    predictor 20% off must not be."""
+    s, d, n, t_min = 0.5, 4, 40_000, 1e-3
+    k0, k1, k2 = jax.random.split(jax.random.PRNGKey(0), 3)
+    x0 = s * jax.random.normal(k0, (n, d))
+    t = jax.random.uniform(k1, (n,), minval=t_min, maxval=1.0 - t_min)
+    noise = jax.random.normal(k2, (n, d))
+
+    def optimal(scale):
+        def velocity(x, tt):
+            return scale * ((tt - (1 - tt) * s**2) / ((1 - tt) ** 2 * s**2 + tt**2))[:, None] * x
+        return velocity
+
+    grid = np.linspace(t_min, 1.0 - t_min, 200_001)
+    exact = np.trapezoid(s**2 / ((1 - grid) ** 2 * s**2 + grid**2), grid) / (1 - 2 * t_min)
+    loss = jax.jit(lambda scale: train.flow_matching_loss(optimal(scale), x0, t, noise))
+    losses = np.asarray(loss(1.0), np.float64)
+    se = losses.std(ddof=1) / np.sqrt(n)
+    assert abs(losses.mean() - exact) < 4 * se, (losses.mean(), exact, se)
+    assert np.asarray(loss(0.8), np.float64).mean() - exact > 4 * se
+
+
 # ---------------------------------------------------------------------------------------------
 # Training is deterministic
 
@@ -127,6 +152,29 @@ def test_shipped_weights_match_their_manifest(shipped):
     accuracy = train.accuracy(clf_net, clf_params, digits.test)
     assert accuracy == pytest.approx(manifest["classifier"]["test_accuracy"])
     assert accuracy > 0.9
+
+
+def test_shipped_flow_weights_match_their_manifest_and_load_as_a_score(experiment):
+    entry = json.loads((networks.WEIGHTS / networks.MANIFEST).read_text())["flow"]
+    path = networks.WEIGHTS / entry["file"]
+    assert train.sha256(path) == entry["sha256"] and path.stat().st_size < 2e6
+    net, params = networks.load_flow()
+    test = data_lib.load().test
+    loss = train.held_out_flow_loss(net, params, test)
+    assert loss == pytest.approx(entry["test_fm_loss"], rel=1e-5)
+    # The zero velocity scores 1 + E||x0||^2 / 64 (1.72 here).
+    zero = 1.0 + float(np.mean(test.x.astype(np.float64) ** 2))
+    assert loss < 0.6 * zero, (loss, zero)
+    # As a score on the linear interpolant: at t = 0.99 the data are nearly gone (x0's share of
+    # x_t is 0.01), so the score is close to -(x - 0.01 E[x0]) / t^2.
+    x = jax.random.normal(jax.random.PRNGKey(1), (256, 64))
+    t = jnp.float32(0.99)
+    score = jax.jit(networks.flow_score(net, params))(x, t)
+    expected = -(x - 0.01 * jnp.asarray(test.x.mean(0))) / t**2
+    assert float(jnp.mean((score - expected) ** 2) / jnp.mean(expected**2)) < 0.01
+    # The experiments' loader gives the same score (class 3 here).
+    np.testing.assert_array_equal(experiment._flow_score(3)(x[:4], t),
+                                  networks.flow_score(net, params, 3)(x[:4], t))
 
 
 def test_shipped_score_is_the_gaussian_score_at_full_noise(shipped):

@@ -49,7 +49,8 @@ def test_schedule_derivatives_and_diffusion(schedule):
                                    [schedule.sigma_min, schedule.sigma_max], rtol=1e-5)
 
 
-@pytest.mark.parametrize("schedule", [sde.VP(), sde.VE(0.01, 3.0)], ids=["vp", "ve"])
+@pytest.mark.parametrize("schedule", [sde.VP(), sde.VE(0.01, 3.0), sde.LinearInterpolant()],
+                         ids=["vp", "ve", "linear"])
 def test_forward_sde_has_the_schedule_marginals(schedule):
     # dx = f dt + g dW from x_0 = 1 must give mean alpha_t and variance sigma_t^2: f and g^2 are
     # consistent with (alpha, sigma) only if both are right.
@@ -96,7 +97,7 @@ def test_parameterisation_adapters_recover_the_score(schedule):
     d_sigma = schedule.dsigma2(t) / (2 * si)
     cases = [(sde.score_from_eps, eps), (sde.score_from_x0, x0),
              (sde.score_from_v, al * eps - si * x0),
-             (sde.score_from_flow, d_alpha * x0 + d_sigma * eps)]
+             (sde.score_from_velocity, d_alpha * x0 + d_sigma * eps)]
     for adapter, prediction in cases:
         recovered = adapter(schedule, lambda z, s, p=prediction: p)(x, t)
         scale = float(jnp.abs(score).max())

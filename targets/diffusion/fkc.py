@@ -81,7 +81,7 @@ def correctors(scores: Sequence[sde.ScoreFn], betas: Sequence[float], *, schedul
     if clip is not None:
         clip = static_positive("clip", clip)
     dim = static_int("dim", dim, 1)
-    times = sde.check_time_grid(times)
+    times = sde.check_time_grid(times, schedule)
     mask = None
     if resample_window is not None:
         window = check_fraction("resample_window", resample_window)

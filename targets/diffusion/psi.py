@@ -99,7 +99,7 @@ def psi_sampler(score: sde.ScoreFn, reward: reward_lib.RewardFn, *, alpha: float
     thin = check_count("thin", thin, 1)
     step_size = static_positive("step_size", step_size)
     alpha = reward_lib.check_alpha(alpha)
-    times = sde.check_time_grid(times)
+    times = sde.check_time_grid(times, schedule)
     t0 = jnp.float32(times[0])
     phi = log_potential(score, reward, alpha=alpha, schedule=schedule, t=t0)
     initial = chain_initial(phi, scale=float(np.sqrt(schedule.sigma2(times[0]))), dim=dim,

@@ -93,7 +93,8 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
     """The reward-guided SMC model for p_theta(x0) exp(r(x0) / alpha) over particles [N, dim].
 
     score(x [N, d], t scalar) -> [N, d]; reward(x0 [N, d]) -> [N]; alpha > 0 (reward temperature);
-    schedule: `sde.VP()` or `sde.VE()`; times: strictly decreasing grid (`sde.time_grid`).
+    schedule: `sde.VP()`, `sde.VE()` or `sde.LinearInterpolant()` (a flow model); times: strictly
+    decreasing grid in the schedule's time domain (`sde.time_grid`).
     exponents: "das" (with gamma), "constant", "adaptive" (with target_ess) or an array [T + 1].
     potential: "difference", "max" or "sum" (module doc). guidance >= 0: scale of the gradient
     shift of the proposal mean (0: the base kernel, no gradients). kernel: "euler_maruyama" or
@@ -113,7 +114,7 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     dim = static_int("dim", dim, 1)
-    times = sde.check_time_grid(times)
+    times = sde.check_time_grid(times, schedule)
     num_steps = len(times) - 1
     adaptive = isinstance(exponents, str) and exponents == "adaptive"
     if adaptive:

@@ -2,7 +2,8 @@
 
 p(x) = sum_k w_k N(x; mu_k, C_k). Closed forms used here:
 - Noising x_t = alpha x0 + sigma eps maps p to the mixture with means alpha mu_k and covariances
-  alpha^2 C_k + sigma^2 I, so the exact score of every diffusion marginal is known.
+  alpha^2 C_k + sigma^2 I, so the exact score of every diffusion marginal is known, and Gaussian
+  conditioning per component gives E[x0 | x_t], E[eps | x_t] and the exact flow velocity.
 - A Gaussian times an unnormalised Gaussian bump is a scaled Gaussian (A PSD, may be singular):
       N(x; mu, C) exp(-(x - c)^T A (x - c) / 2)
           = |I + C A|^{-1/2} exp(-(mu - c)^T A (I + C A)^{-1} (mu - c) / 2) N(x; mu', C'),
@@ -146,6 +147,32 @@ def noised_log_prob(gmm: GaussianMixture,
                     schedule: sde.Schedule) -> Callable[[Array, Array], Array]:
     """Exact log-density of the diffusion marginal: (x [..., d], t) -> log p_t(x), [...]."""
     return lambda x, t: log_prob(_at(gmm, schedule, t), x)
+
+
+def posterior_means(gmm: GaussianMixture, schedule: sde.Schedule,
+                    x: Array, t) -> tuple[Array, Array]:
+    """(E[x0 | x_t = x], E[eps | x_t = x]), each [..., d], by Gaussian conditioning per component.
+
+    Given component k, (x0, x_t) is jointly Gaussian with Lambda_k = alpha^2 C_k + sigma^2 I:
+        E[x0 | x_t, k]  = mu_k + alpha C_k Lambda_k^{-1} (x_t - alpha mu_k),
+        E[eps | x_t, k] = sigma Lambda_k^{-1} (x_t - alpha mu_k),
+    averaged with the responsibilities P(k | x_t) of the noised mixture.
+    """
+    al, si = sde.alpha(schedule, t), sde.sigma(schedule, t)
+    log_comp, pulled, _ = _whiten(noised(gmm, al, si), x)    # pulled: Lambda_k^{-1} (alpha mu_k - x)
+    r = jax.nn.softmax(log_comp, axis=-1)
+    x0 = gmm.means - al * jnp.einsum("kde,...ke->...kd", gmm.covs, pulled)
+    return jnp.einsum("...k,...kd->...d", r, x0), -si * jnp.einsum("...k,...kd->...d", r, pulled)
+
+
+def noised_velocity(gmm: GaussianMixture, schedule: sde.Schedule) -> sde.ModelFn:
+    """Exact flow velocity of the path: (x [..., d], t) -> E[alpha'_t x0 + sigma'_t eps | x_t = x],
+    [..., d]; on `sde.LinearInterpolant` that is E[eps - x0 | x_t], what flow matching learns."""
+    def velocity(x: Array, t: Array) -> Array:
+        x0, eps = posterior_means(gmm, schedule, x, t)
+        return sde.d_alpha(schedule, t) * x0 + sde.d_sigma(schedule, t) * eps
+
+    return velocity
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,18 @@ def _score(label: int | None = None, thick: int | None = None) -> sde.ScoreFn:
     return networks.score(eps_net, eps_params, sde.VP(), label, thick)
 
 
+@functools.lru_cache(maxsize=1)
+def _flow_network():
+    return networks.load_flow()
+
+
+def _flow_score(label: int | None = None, thick: int | None = None) -> sde.ScoreFn:
+    """The shipped flow network as a score on `sde.LinearInterpolant()` (grids inside (0, 1));
+    `sde.convert_score(_flow_score(), sde.LinearInterpolant(), sde.VP())` samples it along VP."""
+    net, params = _flow_network()
+    return networks.flow_score(net, params, label, thick)
+
+
 def _reference_features(label: int, thick: int | None = None) -> np.ndarray:
     test = data_lib.load().test
     keep = test.label == label

@@ -1,10 +1,16 @@
-"""Small Flax (linen) networks for the digits: a conditional noise predictor and a classifier.
+"""Small Flax (linen) networks for the digits: a conditional noise predictor, a conditional flow
+velocity and a classifier.
 
 `EpsNet`: eps_hat(x_t [N, 64], t [N], label [N], thick [N]) -> [N, 64], an MLP with a sinusoidal
 time embedding and learned embeddings of the class (0..9, NULL_LABEL = 10 for none) and the
 thickness (0, 1, NULL_THICK = 2 for none). Trained with label dropout, one network gives the
 unconditional, class-, thickness- and jointly conditional scores (classifier-free guidance style);
 `score` turns it into score(x [N, 64], t) -> [N, 64] through `sde.score_from_eps`.
+
+`VelocityNet`: the same network read as a flow-matching velocity v(x_t, t, label, thick) ~
+E[eps - x0 | x_t] on the linear interpolant x_t = (1 - t) x0 + t eps; `flow_score` turns it into a
+score on `sde.LinearInterpolant()` through `sde.score_from_velocity` (`sde.convert_score` moves
+it to another schedule).
 
 `Classifier`: logits [N, 10] and penultimate features [N, FEATURES] of clean digits; `reward` is
 r(x0) = log softmax(logits(x0))[c], the reward of `digits_reward`; `features` feed the Frechet
@@ -36,6 +42,7 @@ NULL_LABEL = NUM_CLASSES  # "no class": the unconditional / thickness-only score
 NULL_THICK = 2            # "no thickness"
 WEIGHTS = pathlib.Path(__file__).resolve().parent / "weights"
 SCORE_FILE, CLASSIFIER_FILE, MANIFEST = "score.msgpack", "classifier.msgpack", "manifest.json"
+FLOW_FILE = "flow.msgpack"
 
 
 def time_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
@@ -64,6 +71,11 @@ class EpsNet(nn.Module):
             z = nn.Dense(self.hidden)(nn.silu(nn.LayerNorm()(h)) + emb)
             h = h + nn.Dense(self.hidden)(nn.silu(z))
         return nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros)(nn.silu(nn.LayerNorm()(h)))
+
+
+class VelocityNet(EpsNet):
+    """EpsNet's architecture (and parameter tree) trained as a flow velocity: its output is
+    v(x_t, t, label, thick) ~ E[eps - x0 | x_t] on the linear interpolant."""
 
 
 class Classifier(nn.Module):
@@ -95,7 +107,8 @@ def _condition(value: int | None, null: int, size: int, name: str) -> int:
 
 def eps_model(net: EpsNet, params: Params, label: int | None = None,
               thick: int | None = None) -> Callable[[Array, Array], Array]:
-    """eps_hat(x [N, 64], t scalar) for a fixed condition (None: dropped, i.e. marginalised)."""
+    """eps_hat(x [N, 64], t scalar) for a fixed condition (None: dropped, i.e. marginalised);
+    for a `VelocityNet`, its velocity v(x, t) the same way."""
     label = _condition(label, NULL_LABEL, NUM_CLASSES, "label")
     thick = _condition(thick, NULL_THICK, 2, "thick")
 
@@ -111,6 +124,13 @@ def score(net: EpsNet, params: Params, schedule: sde.Schedule, label: int | None
           thick: int | None = None) -> sde.ScoreFn:
     """grad log q_t(x | condition) = -eps_hat / sigma_t: score(x [N, 64], t) -> [N, 64]."""
     return sde.score_from_eps(schedule, eps_model(net, params, label, thick))
+
+
+def flow_score(net: VelocityNet, params: Params, label: int | None = None,
+               thick: int | None = None) -> sde.ScoreFn:
+    """grad log q_t(x | condition) on the linear interpolant, -(x + (1 - t) v) / t:
+    score(x [N, 64], t) -> [N, 64] for t in (0, 1) (`sde.LinearInterpolant`)."""
+    return sde.score_from_velocity(sde.LinearInterpolant(), eps_model(net, params, label, thick))
 
 
 def logits_and_features(net: Classifier, params: Params) -> Callable[[Array], tuple[Array, Array]]:
@@ -171,3 +191,14 @@ def load(directory: pathlib.Path | str = WEIGHTS) -> tuple[EpsNet, Params, Class
     clf_net = Classifier(hidden=tuple(manifest["classifier"]["network"]["hidden"]))
     return (eps_net, load_params(eps_net, directory / SCORE_FILE),
             clf_net, load_params(clf_net, directory / CLASSIFIER_FILE))
+
+
+def load_flow(directory: pathlib.Path | str = WEIGHTS) -> tuple[VelocityNet, Params]:
+    """(flow network, its params) from `directory` and its manifest's "flow" entry."""
+    directory = pathlib.Path(directory)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    if "flow" not in manifest:
+        raise FileNotFoundError(f"{directory / MANIFEST} has no flow network: train it with "
+                                f"`python -m experiments.suites.digits.train --what flow`")
+    net = VelocityNet(**manifest["flow"]["network"])
+    return net, load_params(net, directory / FLOW_FILE)

@@ -1,12 +1,14 @@
-"""Train the digits noise predictor and classifier; write their weights and a manifest.
+"""Train the digits noise predictor, flow network and classifier; write their weights and a
+manifest.
 
 The shipped weights in `experiments/suites/digits/weights/` were made by exactly
 
-    python -m experiments.suites.digits.train --what all
+    python -m experiments.suites.digits.train --what all     (score network and classifier)
+    python -m experiments.suites.digits.train --what flow    (flow network, added later)
 
 (JAX on CPU; fixed seeds, fixed batch order; every random draw is a fold_in of the seed and the
-step number). `--steps N` overrides the number of steps of each network trained, `--out DIR`
-writes elsewhere. The manifest (`manifest.json`) records each network's architecture, training
+step number; `--what all` now trains the flow network too). `--steps N` overrides the number of
+steps of each network trained, `--out DIR` writes elsewhere. The manifest (`manifest.json`) records each network's architecture, training
 config, seed, final losses, package versions and the sha256 of its weight file.
 
 Score network: denoising score matching for the VP schedule (`targets.diffusion.sde.VP`),
@@ -15,6 +17,14 @@ Score network: denoising score matching for the VP schedule (`targets.diffusion.
 
 with the class c and the thickness h each replaced by "none" with their dropout probabilities
 (one network, every conditioning). Adam with cosine decay; the saved weights are an EMA.
+Flow network: flow matching on the linear interpolant (`sde.LinearInterpolant`),
+
+    L = E_{x0, t ~ U(t_min, 1 - t_min), eps} || v(x_t, t, c, h) - (eps - x0) ||^2 / 64,
+    x_t = (1 - t) x0 + t eps,
+
+with the same architecture, conditioning dropout, optimiser and EMA as the score network, its own
+seed and half the steps (about 50 s on one core; at 12000 steps the held-out loss rose from 0.513
+to 0.522 while the training loss fell: 1347 images are memorised).
 Classifier: cross-entropy with AdamW on clean digits plus small Gaussian pixel noise.
 """
 from __future__ import annotations
@@ -43,6 +53,7 @@ from targets.diffusion import sde
 Array = jax.Array
 CHUNK = 500  # steps per compiled scan (and per logged loss)
 SCHEDULE = sde.VP()
+FLOW_SCHEDULE = sde.LinearInterpolant()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +69,24 @@ class ScoreTraining:
     ema_decay: float = 0.999
     t_min: float = 1e-3
     seed: int = 0
+
+    def network(self) -> dict:
+        return {"hidden": self.hidden, "depth": self.depth, "time_dim": self.time_dim}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowTraining:
+    hidden: int = 192
+    depth: int = 3
+    time_dim: int = 64
+    steps: int = 6_000
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    drop_label: float = 0.5   # P(class -> none)
+    drop_thick: float = 0.5   # P(thickness -> none), independently
+    ema_decay: float = 0.999
+    t_min: float = 1e-3       # t ~ U(t_min, 1 - t_min)
+    seed: int = 2
 
     def network(self) -> dict:
         return {"hidden": self.hidden, "depth": self.depth, "time_dim": self.time_dim}
@@ -96,6 +125,17 @@ def dsm_loss(eps_fn: Callable[[Array, Array], Array], schedule: sde.Schedule, x0
     """
     a, s = sde.alpha(schedule, t)[:, None], sde.sigma(schedule, t)[:, None]
     return jnp.mean((eps_fn(a * x0 + s * noise, t) - noise) ** 2, axis=-1)
+
+
+def flow_matching_loss(velocity_fn: Callable[[Array, Array], Array], x0: Array, t: Array,
+                       noise: Array) -> Array:
+    """Per-example || velocity_fn((1 - t) x0 + t noise, t) - (noise - x0) ||^2 / d, [B].
+
+    x0, noise [B, d]; t [B]; velocity_fn(x_t [B, d], t [B]) -> [B, d]. The minimiser is
+    E[eps - x0 | x_t], the velocity `sde.score_from_velocity` takes on the linear interpolant.
+    """
+    x_t = (1.0 - t)[:, None] * x0 + t[:, None] * noise
+    return jnp.mean((velocity_fn(x_t, t) - (noise - x0)) ** 2, axis=-1)
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
@@ -160,6 +200,50 @@ def _score_trainer(config: ScoreTraining, schedule: sde.Schedule):
         updates, opt_state = optimizer.update(grads, opt_state, p)
         p = optax.apply_updates(p, updates)
         # EMA with warm-up so that short runs are not dominated by the initial weights.
+        decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
+        ema = jax.tree_util.tree_map(lambda e, q: decay * e + (1.0 - decay) * q, ema, p)
+        return (p, ema, opt_state), loss
+
+    return net, optimizer, _chunk(one_step)
+
+
+def train_flow(config: FlowTraining, train: data_lib.Split) -> Trained:
+    """Flow matching on the linear interpolant with label dropout; returns the EMA parameters."""
+    steps = _check_steps(config.steps)
+    net, optimizer, chunk = _flow_trainer(dataclasses.replace(config, seed=0))
+    key = jax.random.PRNGKey(config.seed)
+    params = networks.init_params(net, jax.random.fold_in(key, 0))
+    data = (jnp.asarray(train.x), jnp.asarray(train.label), jnp.asarray(train.thick))
+    out = _scan_chunks(chunk, (params, params, optimizer.init(params)), steps, key, data)
+    return Trained(out.carry[1], out.losses)
+
+
+@functools.lru_cache(maxsize=8)
+def _flow_trainer(config: FlowTraining):
+    """As `_score_trainer`, with the flow-matching objective (t kept away from both ends)."""
+    net = networks.VelocityNet(**config.network())
+    optimizer = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.steps,
+                                                       alpha=0.1))
+    b = config.batch_size
+
+    def loss_fn(p, step, key, data):
+        x_all, label_all, thick_all = data
+        idx = _batch(jax.random.fold_in(key, 1), step, x_all.shape[0], b)
+        draws = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 2), step), 4)
+        t = jax.random.uniform(draws[0], (b,), minval=config.t_min, maxval=1.0 - config.t_min)
+        noise = jax.random.normal(draws[1], (b, data_lib.DIM))
+        label = jnp.where(jax.random.bernoulli(draws[2], config.drop_label, (b,)),
+                          networks.NULL_LABEL, label_all[idx])
+        thick = jnp.where(jax.random.bernoulli(draws[3], config.drop_thick, (b,)),
+                          networks.NULL_THICK, thick_all[idx])
+        velocity_fn = lambda x, tt: net.apply(p, x, tt, label, thick)
+        return jnp.mean(flow_matching_loss(velocity_fn, x_all[idx], t, noise))
+
+    def one_step(carry, step, key, data):
+        p, ema, opt_state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(p, step, key, data)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        p = optax.apply_updates(p, updates)
         decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
         ema = jax.tree_util.tree_map(lambda e, q: decay * e + (1.0 - decay) * q, ema, p)
         return (p, ema, opt_state), loss
@@ -247,6 +331,23 @@ def held_out_loss(net: networks.EpsNet, params, test: data_lib.Split, label: boo
     return float(jnp.mean(jax.jit(lambda: dsm_loss(eps_fn, schedule, x0, t, noise))()))
 
 
+def held_out_flow_loss(net: networks.VelocityNet, params, test: data_lib.Split,
+                       label: bool = False, repeats: int = 8, seed: int = 123,
+                       t_min: float = 1e-3) -> float:
+    """Mean flow-matching loss on the test split (fixed draws, t ~ U(t_min, 1 - t_min)),
+    unconditional or class-conditional."""
+    x0 = jnp.tile(jnp.asarray(test.x), (repeats, 1))
+    n = x0.shape[0]
+    k_t, k_noise = jax.random.split(jax.random.PRNGKey(seed))
+    t = jax.random.uniform(k_t, (n,), minval=t_min, maxval=1.0 - t_min)
+    noise = jax.random.normal(k_noise, x0.shape)
+    labels = jnp.tile(jnp.asarray(test.label), repeats) if label else jnp.full(
+        (n,), networks.NULL_LABEL)
+    thick = jnp.full((n,), networks.NULL_THICK)
+    velocity_fn = lambda x, tt: net.apply(params, x, tt, labels, thick)
+    return float(jnp.mean(jax.jit(lambda: flow_matching_loss(velocity_fn, x0, t, noise))()))
+
+
 def accuracy(net: networks.Classifier, params, split: data_lib.Split) -> float:
     logits, _ = net.apply(params, jnp.asarray(split.x))
     return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == split.label))
@@ -274,7 +375,7 @@ def sha256(path: pathlib.Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.suites.digits.train",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--what", choices=("score", "classifier", "all"), default="all")
+    parser.add_argument("--what", choices=("score", "classifier", "flow", "all"), default="all")
     parser.add_argument("--steps", type=int, help="training steps of each network trained")
     parser.add_argument("--out", type=pathlib.Path, default=networks.WEIGHTS)
     args = parser.parse_args(argv)
@@ -286,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     command = "python -m experiments.suites.digits.train " + " ".join(sys.argv[1:] if argv is None
                                                                  else argv)
-    jobs = {"score": ScoreTraining(), "classifier": ClassifierTraining()}
+    jobs = {"score": ScoreTraining(), "classifier": ClassifierTraining(), "flow": FlowTraining()}
     for what, config in jobs.items():
         if args.what not in (what, "all"):
             continue
@@ -300,6 +401,13 @@ def main(argv: list[str] | None = None) -> int:
                           "test_dsm_loss_class": held_out_loss(net, out.params, digits.test,
                                                                label=True)}
             path = args.out / networks.SCORE_FILE
+        elif what == "flow":
+            out = train_flow(config, digits.train)
+            net = networks.VelocityNet(**config.network())
+            evaluation = {"test_fm_loss": held_out_flow_loss(net, out.params, digits.test),
+                          "test_fm_loss_class": held_out_flow_loss(net, out.params, digits.test,
+                                                                   label=True)}
+            path = args.out / networks.FLOW_FILE
         else:
             out = train_classifier(config, digits.train)
             net = networks.Classifier(hidden=tuple(config.hidden))
