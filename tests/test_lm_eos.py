@@ -162,7 +162,8 @@ def test_masked_twisted_smc_allows_every_eos_id(params):
     assert 0.1 < second < 0.9
     replicates, n = 64, 256
     run = jax.jit(jax.vmap(lambda k: twisted_smc(k, LM, params, PROMPT, potential,
-                                                 num_particles=n, max_new_tokens=T)))
+                                                 num_particles=n, max_new_tokens=T,
+                                                 forced_eos=False)))
     result = run(jax.random.split(jax.random.PRNGKey(3), replicates))
     ratio = np.exp(np.asarray(result.log_evidence, np.float64)) / Z
     assert abs(ratio.mean() - 1.0) < 4.0 * ratio.std(ddof=1) / np.sqrt(replicates), ratio.mean()

@@ -100,7 +100,8 @@ def test_twisted_smc_with_char_regex_and_vader_tilt_is_exact():
     seqs, pi, Z = exact_tilted(params, log_phi, SENTENCE_TOKENS)
     assert 10 <= np.sum(pi > 0.005) and pi.max() < 0.5      # a spread-out target
     fn = jax.jit(jax.vmap(lambda k: twisted_smc(k, LM, params, PROMPT, potential,
-                                                num_particles=N, max_new_tokens=T)))
+                                                num_particles=N, max_new_tokens=T,
+                                                forced_eos=False)))
     result = fn(jax.random.split(jax.random.PRNGKey(2), R))
     assert int(result.nonfinite_increments.sum()) == 0
     z_evidence, z_max, tv_ratio = check_against_exact(result, seqs, pi, Z)

@@ -52,17 +52,20 @@ CONFIGS = {
     # soft terminal reward (a count and an exact-answer checker) with a tempered proposal p^{1/0.6}
     "soft_terminal_reward_tempered": (
         P.product(P.token_count(0, 0.8), P.exact_answer([2, 2], 2.0)),
-        lambda b: 0.8 * b.count(0) + 2.0 * (b == [2, 2]), {"temperature": 0.6}),
+        lambda b: 0.8 * b.count(0) + 2.0 * (b == [2, 2]), {"temperature": 0.6, "forced_eos": False}),
     "lookahead_block2": (
         P.product(P.banned_tokens([BANNED]), P.token_count(0, 0.8)),
         lambda b: -np.inf if BANNED in b else 0.8 * b.count(0),
-        {"lookahead": 4, "block_size": 2, "temperature": 0.8}),
+        {"lookahead": 4, "block_size": 2, "temperature": 0.8, "forced_eos": False}),
 }
 
 
-def exact_tilted(params, log_phi):
+def exact_tilted(params, log_phi, forced_eos=True):
+    """(sequences, pi, Z); with ``forced_eos`` (the default of twisted SMC) only the sequences
+    that end with an EOS."""
     seqs = LM.sequences()
-    lp = np.array([LM.sequence_logprob(params, s) for s in seqs])
+    lp = np.array([LM.sequence_logprob(params, s) if s[-1] == LM.eos_ids[0] or not forced_eos
+                   else -np.inf for s in seqs])
     a = lp + np.array([log_phi(body(s)) for s in seqs], np.float64)
     log_z = np.logaddexp.reduce(a)
     return seqs, np.exp(a - log_z), np.exp(log_z)
@@ -84,7 +87,7 @@ def run_replicates(params, name, mutate=None):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_twisted_smc_exact_distribution_and_unbiased_evidence(params, name):
     _, log_phi, options = CONFIGS[name]
-    seqs, pi, Z = exact_tilted(params, log_phi)
+    seqs, pi, Z = exact_tilted(params, log_phi, options.get("forced_eos", True))
     result = run_replicates(params, name)
     assert int(result.nonfinite_increments.sum()) == 0
     if options.get("rejuvenate"):
@@ -101,7 +104,7 @@ def test_twisted_smc_exact_distribution_and_unbiased_evidence(params, name):
 def test_unweighted_proposal_fails_the_checks(params):
     """The checks have power: the tempered proposal's particles without the weights fail."""
     _, log_phi, _ = CONFIGS["soft_terminal_reward_tempered"]
-    seqs, pi, Z = exact_tilted(params, log_phi)
+    seqs, pi, Z = exact_tilted(params, log_phi, forced_eos=False)
     result = run_replicates(params, "soft_terminal_reward_tempered")
     unweighted = result._replace(log_weights=jnp.zeros_like(result.log_weights))
     _, z_max, tv_ratio = check_against_exact(unweighted, seqs, pi, Z)
@@ -162,7 +165,8 @@ def test_resample_move_leaves_intermediate_target_invariant(params):
 def test_lookahead_twist_is_unbiased_for_the_expected_terminal_potential(params):
     """exp(twist) averaged over keys matches psi(y_1:2) = E_p[phi(Y) | y_1:2] by enumeration."""
     potential, log_phi, _ = CONFIGS["lookahead_block2"]
-    sampler = twisted_components(LM, params, PROMPT, potential, max_new_tokens=T, lookahead=8)
+    sampler = twisted_components(LM, params, PROMPT, potential, max_new_tokens=T, lookahead=8,
+                                 forced_eos=False)
     prefixes = [(a, b) for a in range(3) for b in range(3)]
     seqs = LM.sequences()
     lp = np.array([LM.sequence_logprob(params, s) for s in seqs])
@@ -214,7 +218,8 @@ def test_bad_arguments_raise(params):
     for kwargs, message in [({"block_size": 0}, "block_size"), ({"temperature": 0.0}, "temperature"),
                             ({"max_new_tokens": 9}, "exceeds the cache"),
                             ({"lookahead": -1}, "lookahead"),
-                            ({"lookahead": 2, "rejuvenate": True}, "lookahead")]:
+                            ({"lookahead": 2, "rejuvenate": True}, "lookahead"),
+                            ({"lookahead": 2}, "forced_eos=False")]:
         kwargs = dict({"max_new_tokens": T}, **kwargs)
         with pytest.raises(ValueError, match=message):
             twisted_components(LM, params, PROMPT, pot, **kwargs)

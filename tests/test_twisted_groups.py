@@ -56,11 +56,13 @@ CONFIGS = {
         P.product(no_two_zeros(), P.token_count(2, -0.7)),
         lambda b: -np.inf if any(x == y == 0 for x, y in itertools.pairwise(b))
         else -0.7 * b.count(2),
-        {"block_size": 2, "rejuvenate": True, "ess_threshold": 0.97, "temperature": 0.8}),
+        {"block_size": 2, "rejuvenate": True, "ess_threshold": 0.97, "temperature": 0.8,
+         "forced_eos": False}),
     "lookahead2_block2": (
         P.product(P.banned_tokens([1]), P.token_count(0, 0.8)),
         lambda b: -np.inf if 1 in b else 0.8 * b.count(0),
-        {"lookahead": 2, "block_size": 2, "temperature": 0.8, "ess_threshold": 0.7}),
+        {"lookahead": 2, "block_size": 2, "temperature": 0.8, "ess_threshold": 0.7,
+         "forced_eos": False}),
     # a host predicate drawn by AWRS (its rejection walk runs per group with the group's key)
     "awrs_brackets": (
         P.product(brackets(), P.token_count(2, 0.5)), None, {"ess_threshold": 0.9}),

@@ -80,17 +80,18 @@ CONFIGS = {
     "regex_tempered_block2": (
         P.regex_constraint(NUMBER, NUMBER_TOKENS + ["<eos>", "<bos>"]),
         lambda b: 0.0 if re.fullmatch(NUMBER, number_text(b)) else -np.inf,
-        {"temperature": 0.7, "block_size": 2}),
+        {"temperature": 0.7, "block_size": 2, "forced_eos": False}),
     "json_schema_string": (
-        short_string(), lambda b: 0.0 if json_valid(b, SHORT_STRING) else -np.inf, {}),
+        short_string(), lambda b: 0.0 if json_valid(b, SHORT_STRING) else -np.inf,
+        {"forced_eos": False}),
     "dfa_times_soft_rewards": (
         P.product(zero_then_two(), P.token_count(2, 0.9), P.length_potential(-0.3)),
         lambda b: 0.9 * b.count(2) - 0.3 * len(b) if in_zero_then_two(b) else -np.inf,
-        {"forced_eos": True}),
+        {}),                                   # the default: forced EOS
 }
 
 
-def exact_tilted(params, log_phi, forced_eos=False):
+def exact_tilted(params, log_phi, forced_eos=True):
     """(sequences, pi, Z); with ``forced_eos`` only EOS-terminated sequences (<= T - 1 tokens)."""
     seqs = LM.sequences()
     a = np.array([LM.sequence_logprob(params, s) + log_phi(body(s))
@@ -146,7 +147,7 @@ def run_replicates(params, name, mask_proposal=True):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_masked_twisted_smc_is_exact(params, name):
     _, log_phi, options = CONFIGS[name]
-    seqs, pi, Z = exact_tilted(params, log_phi, options.get("forced_eos", False))
+    seqs, pi, Z = exact_tilted(params, log_phi, options.get("forced_eos", True))
     assert np.sum(pi > 0.005) >= 5 and np.mean(pi == 0) > 0.5   # spread out, a real constraint
     result = run_replicates(params, name)
     assert int(result.nonfinite_increments.sum()) == 0
@@ -170,7 +171,7 @@ def dominated_params():
 def test_mask_keeps_particles_that_the_unmasked_proposal_loses_deterministically():
     name = "regex_tempered_block2"
     params = dominated_params()
-    seqs, pi, Z = exact_tilted(params, CONFIGS[name][1])
+    seqs, pi, Z = exact_tilted(params, CONFIGS[name][1], forced_eos=False)
     on, off = run_replicates(params, name, True), run_replicates(params, name, False)
     # unmasked, every first token is '.' or EOS (q = 1 - e^-86 in float32): all rows die
     assert bool(jnp.all(jnp.isneginf(off.log_weights))) and bool(jnp.all(jnp.isneginf(
@@ -190,7 +191,7 @@ def test_no_allowed_token_gives_weight_minus_inf_not_nan():
     potential = P.dfa_constraint(trans, 0, [False] * 6 + [True])
     params = LM.init_params(jax.random.PRNGKey(0))
     r = jax.jit(lambda k: twisted_smc(k, LM, params, PROMPT, potential, num_particles=16,
-                                      max_new_tokens=T))(jax.random.PRNGKey(0))
+                                      max_new_tokens=T, forced_eos=False))(jax.random.PRNGKey(0))
     assert bool(jnp.all(jnp.isneginf(r.log_weights))) and bool(jnp.isneginf(r.log_evidence))
     assert int(r.nonfinite_increments.sum()) == 0
     tokens, length = r.particles.tokens, r.particles.length

@@ -2,8 +2,11 @@
 
 The target
 ----------
-The support ``S_T`` is that of `targets.lm.power` (EOS-terminated sequences of at most T tokens plus
-EOS-free T-token ones, or with ``forced_eos`` only the EOS-terminated ones) and
+The support ``S_T`` is, by default (``forced_eos=True``), the sequences that end with an EOS
+within T tokens: an answer is expected to finish within its budget (genlm-control's default too).
+The T-th token is then a forced EOS (a point mass, its probability in the weight). With
+``forced_eos=False`` it is that of `targets.lm.power`: EOS-terminated sequences of at most T
+tokens plus EOS-free T-token ones (cut at the limit). Then
 
     Pi(y) = p(y) phi(y) / Z,   Z = sum_{y in S_T} p(y) phi(y),
 
@@ -64,7 +67,8 @@ K = 4). The twist is therefore the defensive mixture ``(1 - eps) psi_hat + eps p
 (eps = `LOOKAHEAD_FLOOR`, psi_prefix = exp(prefix), positive wherever a completion can be allowed):
 any positive twist keeps the SMC exact; this one is within eps psi_prefix of unbiased for psi.
 With blocks the rollouts run only at the block's last token (the prefix twists telescope inside a
-block). Not combined with ``rejuvenate`` or ``forced_eos``.
+block). Not combined with ``rejuvenate``, and needs ``forced_eos=False`` (its rollouts end at EOS
+or at T, as that target's sequences do).
 
 Many prompts: B prompts [B, P] make a model of B groups (`smc.FeynmanKac.groups`), each prompt
 weighted, resampled and moved on its own with its own key, one decode call for every row.
@@ -127,7 +131,7 @@ class TwistedComponents(NamedTuple):
 
 def twisted_components(lm, params, prompt, potential: Potential, *, max_new_tokens: int,
                        block_size: int = 1, temperature: float = 1.0, rejuvenate: bool = False,
-                       forced_eos: bool = False, lookahead: int = 0, prompt_length=None,
+                       forced_eos: bool = True, lookahead: int = 0, prompt_length=None,
                        eos_ids: int | Sequence[int] | None = None, mask_proposal: bool = True
                        ) -> TwistedComponents:
     """Build reward-twisted SMC; every argument is checked before generation.
@@ -138,8 +142,10 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     (tokens, block keys, lookahead rollouts, MH cut, regeneration and accept), so that
     `smc.run` equals B runs of the one-prompt model with the same keys.
     ``temperature`` tau: the proposal p^{1/tau} (the weight corrects for it). ``rejuvenate``: one
-    MH suffix-regeneration step per particle after each resampling. ``lookahead`` K > 0: the
-    twist is estimated by K rollouts from p (module docstring). ``mask_proposal``: propose only
+    MH suffix-regeneration step per particle after each resampling. ``forced_eos`` (default
+    True): only sequences that end with an EOS within T tokens (module docstring); False: also
+    those cut at T. ``lookahead`` K > 0: the twist is estimated by K rollouts from p (module
+    docstring; with ``forced_eos=False``). ``mask_proposal``: propose only
     allowed tokens when the potential has ``allowed`` (exact; no effect otherwise). ``eos_ids``:
     the tokens that end a sequence, any of them (default the model's; the first is the forced one;
     see `decoding.resolve_eos`).
@@ -148,8 +154,11 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     B = static_int("block_size", block_size, 1)
     tau = static_positive("temperature", temperature)
     K = static_int("lookahead", lookahead, 0)
-    if K and (rejuvenate or forced_eos):
-        raise ValueError("lookahead is not combined with rejuvenate or forced_eos")
+    if K and rejuvenate:
+        raise ValueError("lookahead is not combined with rejuvenate")
+    if K and forced_eos:
+        raise ValueError("lookahead needs forced_eos=False (its rollouts end at EOS or at the "
+                         "token limit, the sequences of that target)")
     prompts, prompt_lengths, groups = decoding.check_prompt_or_prompts(lm, prompt, prompt_length,
                                                                        T)
     eos = decoding.resolve_eos(lm, eos_ids, forced_eos)
