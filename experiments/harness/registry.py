@@ -51,6 +51,7 @@ from experiments.harness.config import ConfigError, suggest
 # experiment with a `demo`, and `bench --all` every benchmark, in this order.
 MODULES: list[str] = ["experiments.suites.toys", "experiments.suites.fkc",
                       "experiments.suites.das", "experiments.suites.lm",
+                      "experiments.suites.answers",
                       "experiments.suites.digits.experiment",
                       "experiments.benchmarks.resampling", "experiments.benchmarks.tempering",
                       "experiments.benchmarks.overhead", "experiments.benchmarks.fkc",

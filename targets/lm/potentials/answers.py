@@ -11,6 +11,7 @@ value is discarded (`SKIP_LENGTH`) cost nothing: a program runs once, when its r
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Sequence
 
@@ -32,6 +33,8 @@ def math_answer(reference: str, token_bytes: Sequence[bytes | str], lam: float =
     run on others), so they are off; the text is cut to its last `MAX_ANSWER_CHARS` characters.
     """
     math_verify = require("math_verify", "answers", "the math-verify answer check")
+    # it warns on every call that its (signal-based) time limits are off: they are, on purpose
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
     # a bare LaTeX reference (MATH's answers: "\\sqrt{2}") is only found between dollars
     gold = (math_verify.parse(reference, parsing_timeout=None)
             or math_verify.parse(f"${reference}$", parsing_timeout=None))
