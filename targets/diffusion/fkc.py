@@ -184,9 +184,4 @@ def _check_score(score: sde.ScoreFn, x, t=None):
         out = jax.eval_shape(score, x, jax.ShapeDtypeStruct((), jnp.float32))
     else:
         out = score(x, t)
-    shape = getattr(out, "shape", None)
-    if shape != tuple(x.shape) or not jnp.issubdtype(out.dtype, jnp.floating):
-        got = f"{getattr(out, 'dtype', type(out).__name__)}{list(shape or [])}"
-        raise ValueError(f"score(x, t) must return a float array of x's shape "
-                         f"{tuple(x.shape)}, got {got}")
-    return out
+    return sde.check_output("score", out, x)

@@ -365,13 +365,15 @@ def score_from_prediction(schedule: Schedule, model: ModelFn,
     def score(x: Array, t: Array) -> Array:
         a, b = coefficients(t)
         al, si = alpha(schedule, t), sigma(schedule, t)
-        eps = (a * x - al * _checked_output(name, model(x, t), x)) / (a * si - b * al)
+        eps = (a * x - al * check_output(name, model(x, t), x)) / (a * si - b * al)
         return -eps / si
 
     return score
 
 
-def _checked_output(name: str, out, x: Array) -> Array:
+def check_output(name: str, out, x: Array) -> Array:
+    """``out``, after checking that a network's output is a float array of x's shape (ValueError
+    naming ``name`` otherwise); works on tracers and abstract values alike."""
     shape = getattr(out, "shape", None)
     if shape != tuple(x.shape) or not jnp.issubdtype(out.dtype, jnp.floating):
         got = f"{getattr(out, 'dtype', type(out).__name__)}{list(shape or [])}"

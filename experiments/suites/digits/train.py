@@ -75,21 +75,12 @@ class ScoreTraining:
 
 
 @dataclasses.dataclass(frozen=True)
-class FlowTraining:
-    hidden: int = 192
-    depth: int = 3
-    time_dim: int = 64
-    steps: int = 6_000
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    drop_label: float = 0.5   # P(class -> none)
-    drop_thick: float = 0.5   # P(thickness -> none), independently
-    ema_decay: float = 0.999
-    t_min: float = 1e-3       # t ~ U(t_min, 1 - t_min)
-    seed: int = 2
+class FlowTraining(ScoreTraining):
+    """The score network's recipe for the velocity network, t ~ U(t_min, 1 - t_min); half the
+    steps (12,000 lowered the training loss and raised the held-out one: memorised digits)."""
 
-    def network(self) -> dict:
-        return {"hidden": self.hidden, "depth": self.depth, "time_dim": self.time_dim}
+    steps: int = 6_000
+    seed: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
