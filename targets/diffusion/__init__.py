@@ -1,4 +1,5 @@
-"""Score-model targets: SDE schedules, Feynman-Kac Correctors, reward-guided SMC, Psi-Sampler."""
-from targets.diffusion import fkc, psi, reward, sde
+"""Score and flow-model targets: SDE schedules, Feynman-Kac Correctors, reward-guided SMC,
+Psi-Sampler, Diffusion Tree Sampling (DTS, DTS*), Rollover Budget Forcing."""
+from targets.diffusion import dts, fkc, psi, rbf, reward, sde
 
-__all__ = ["fkc", "psi", "reward", "sde"]
+__all__ = ["dts", "fkc", "psi", "rbf", "reward", "sde"]

@@ -127,7 +127,7 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
     mask = None
     if resample_every is not None:
         mask = np.arange(num_steps) % static_int("resample_every", resample_every, 1) == 0
-    _check_callables(score, reward, dim)
+    check_callables(score, reward, dim)
     if initial is not None and not callable(initial):
         raise TypeError(f"initial must be callable (key, N) -> x [N, dim], got {initial!r}")
 
@@ -265,8 +265,9 @@ def _exponents(exponents, gamma: float, num_steps: int) -> np.ndarray:
     return lambdas
 
 
-def _check_callables(score, reward, dim: int) -> None:
-    """Abstract evaluation of score and reward: shapes are checked before any work."""
+def check_callables(score, reward, dim: int) -> None:
+    """Abstract evaluation of score(x [2, dim], t) and reward(x0 [2, dim]): TypeError /
+    ValueError naming the function, before any work (every reward-driven sampler uses it)."""
     for name, fn in (("score", score), ("reward", reward)):
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {fn!r}")

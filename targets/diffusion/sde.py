@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from proposals import sde as sde_proposals
 from smc.validation import static_finite, static_int
 
 Array = jax.Array
@@ -447,3 +448,18 @@ def convert_score(score: ScoreFn, model_schedule: Schedule,
         return scale * score(scale * x, t)
 
     return converted
+
+
+def reverse_kernel(schedule: Schedule, kernel: str, x: Array, score: Array, t, t_next
+                   ) -> sde_proposals.Gaussian:
+    """The base reverse kernel t -> t_next (Euler-Maruyama, or "ancestral": the DDPM posterior
+    step with x0_hat) for x [N, d] with its score [N, d]: the proposal of the reward-driven
+    samplers without guidance."""
+    if kernel == "euler_maruyama":
+        diffusion2 = g2(schedule, t)
+        drift = -f(schedule, x, t) + diffusion2 * score
+        return sde_proposals.euler_maruyama_kernel(x, drift, jnp.sqrt(diffusion2), t - t_next)
+    x0 = x0_hat(schedule, x, t, score)
+    return sde_proposals.ancestral_kernel(x, x0, alpha(schedule, t), sigma(schedule, t),
+                                          alpha(schedule, t_next),
+                                          sigma(schedule, t_next))
