@@ -154,8 +154,18 @@ def _check_steps(steps: int) -> int:
 def train_score(config: ScoreTraining, train: data_lib.Split,
                 schedule: sde.Schedule = SCHEDULE) -> Trained:
     """Denoising score matching with label dropout; returns the EMA parameters."""
+    return _train_conditional(_score_trainer(dataclasses.replace(config, seed=0), schedule),
+                              config, train)
+
+
+def train_flow(config: FlowTraining, train: data_lib.Split) -> Trained:
+    """Flow matching on the linear interpolant with label dropout; returns the EMA parameters."""
+    return _train_conditional(_flow_trainer(dataclasses.replace(config, seed=0)), config, train)
+
+
+def _train_conditional(trainer, config: ScoreTraining, train: data_lib.Split) -> Trained:
     steps = _check_steps(config.steps)
-    net, optimizer, chunk = _score_trainer(dataclasses.replace(config, seed=0), schedule)
+    net, optimizer, chunk = trainer
     key = jax.random.PRNGKey(config.seed)
     params = networks.init_params(net, jax.random.fold_in(key, 0))
     data = (jnp.asarray(train.x), jnp.asarray(train.label), jnp.asarray(train.thick))
@@ -168,6 +178,21 @@ def _score_trainer(config: ScoreTraining, schedule: sde.Schedule):
     """(net, optimizer, jitted chunk of steps) for a config; the seed enters as an argument, so
     runs that differ only in their seed share one compilation."""
     net = networks.EpsNet(**config.network())
+    return _conditional_trainer(config, net, 1.0,
+                                lambda apply, x0, t, noise: dsm_loss(apply, schedule, x0, t, noise))
+
+
+@functools.lru_cache(maxsize=8)
+def _flow_trainer(config: FlowTraining):
+    """As `_score_trainer`, with the flow-matching objective (t kept away from both ends)."""
+    net = networks.VelocityNet(**config.network())
+    return _conditional_trainer(config, net, 1.0 - config.t_min, flow_matching_loss)
+
+
+def _conditional_trainer(config: ScoreTraining, net, t_max: float, objective):
+    """One step of training ``net(x, t, label, thick)`` on ``objective(apply, x0, t, noise)``
+    (per-example losses), t ~ U(t_min, t_max), with label and thickness dropout, Adam with cosine
+    decay and an EMA of the parameters."""
     optimizer = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.steps,
                                                        alpha=0.1))
     b = config.batch_size
@@ -176,14 +201,14 @@ def _score_trainer(config: ScoreTraining, schedule: sde.Schedule):
         x_all, label_all, thick_all = data
         idx = _batch(jax.random.fold_in(key, 1), step, x_all.shape[0], b)
         draws = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 2), step), 4)
-        t = jax.random.uniform(draws[0], (b,), minval=config.t_min, maxval=1.0)
+        t = jax.random.uniform(draws[0], (b,), minval=config.t_min, maxval=t_max)
         noise = jax.random.normal(draws[1], (b, data_lib.DIM))
         label = jnp.where(jax.random.bernoulli(draws[2], config.drop_label, (b,)),
                           networks.NULL_LABEL, label_all[idx])
         thick = jnp.where(jax.random.bernoulli(draws[3], config.drop_thick, (b,)),
                           networks.NULL_THICK, thick_all[idx])
-        eps_fn = lambda x, tt: net.apply(p, x, tt, label, thick)
-        return jnp.mean(dsm_loss(eps_fn, schedule, x_all[idx], t, noise))
+        apply = lambda x, tt: net.apply(p, x, tt, label, thick)
+        return jnp.mean(objective(apply, x_all[idx], t, noise))
 
     def one_step(carry, step, key, data):
         p, ema, opt_state = carry
@@ -191,50 +216,6 @@ def _score_trainer(config: ScoreTraining, schedule: sde.Schedule):
         updates, opt_state = optimizer.update(grads, opt_state, p)
         p = optax.apply_updates(p, updates)
         # EMA with warm-up so that short runs are not dominated by the initial weights.
-        decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
-        ema = jax.tree_util.tree_map(lambda e, q: decay * e + (1.0 - decay) * q, ema, p)
-        return (p, ema, opt_state), loss
-
-    return net, optimizer, _chunk(one_step)
-
-
-def train_flow(config: FlowTraining, train: data_lib.Split) -> Trained:
-    """Flow matching on the linear interpolant with label dropout; returns the EMA parameters."""
-    steps = _check_steps(config.steps)
-    net, optimizer, chunk = _flow_trainer(dataclasses.replace(config, seed=0))
-    key = jax.random.PRNGKey(config.seed)
-    params = networks.init_params(net, jax.random.fold_in(key, 0))
-    data = (jnp.asarray(train.x), jnp.asarray(train.label), jnp.asarray(train.thick))
-    out = _scan_chunks(chunk, (params, params, optimizer.init(params)), steps, key, data)
-    return Trained(out.carry[1], out.losses)
-
-
-@functools.lru_cache(maxsize=8)
-def _flow_trainer(config: FlowTraining):
-    """As `_score_trainer`, with the flow-matching objective (t kept away from both ends)."""
-    net = networks.VelocityNet(**config.network())
-    optimizer = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.steps,
-                                                       alpha=0.1))
-    b = config.batch_size
-
-    def loss_fn(p, step, key, data):
-        x_all, label_all, thick_all = data
-        idx = _batch(jax.random.fold_in(key, 1), step, x_all.shape[0], b)
-        draws = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 2), step), 4)
-        t = jax.random.uniform(draws[0], (b,), minval=config.t_min, maxval=1.0 - config.t_min)
-        noise = jax.random.normal(draws[1], (b, data_lib.DIM))
-        label = jnp.where(jax.random.bernoulli(draws[2], config.drop_label, (b,)),
-                          networks.NULL_LABEL, label_all[idx])
-        thick = jnp.where(jax.random.bernoulli(draws[3], config.drop_thick, (b,)),
-                          networks.NULL_THICK, thick_all[idx])
-        velocity_fn = lambda x, tt: net.apply(p, x, tt, label, thick)
-        return jnp.mean(flow_matching_loss(velocity_fn, x_all[idx], t, noise))
-
-    def one_step(carry, step, key, data):
-        p, ema, opt_state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(p, step, key, data)
-        updates, opt_state = optimizer.update(grads, opt_state, p)
-        p = optax.apply_updates(p, updates)
         decay = jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
         ema = jax.tree_util.tree_map(lambda e, q: decay * e + (1.0 - decay) * q, ema, p)
         return (p, ema, opt_state), loss
