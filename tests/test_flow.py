@@ -23,7 +23,7 @@ from targets.diffusion import fkc, psi, sde
 from targets.diffusion import reward as rw
 from targets.toy import das, gmm
 from tests.conftest import z_score
-from tests.test_fkc import mean_and_se
+from tests.test_fkc import mean_and_se, mode_statistics
 from tests.test_fkc import run_seeds as run_seeds_jit
 from tests.test_reward import GAUSS_REWARD, cloud_statistics, gaussian_target
 from tests.test_reward import run_seeds as run_seeds_vmap
@@ -200,15 +200,7 @@ def test_fkc_anneal_of_four_modes_on_a_velocity_reaches_the_annealed_mixture():
     target = gmm.anneal_separated(mix, beta)
     model = fkc.anneal(velocity_score(mix), beta, schedule=LINEAR, times=TIMES, dim=2)
 
-    def statistic(result):
-        w = result.weights
-        mode = gmm.nearest_mode(mix, result.particles)
-        mass = gmm.mode_weights(mix, result.particles, w)
-        spread = jnp.einsum("n,nd->d", w, (result.particles - mix.means[mode]) ** 2)
-        means = jax.ops.segment_sum(w[:, None] * result.particles, mode, 4) / mass[:, None]
-        return spread, means, mass
-
-    spread, means, mass = run_seeds_jit(model, 2048, 8, statistic)
+    spread, means, mass = run_seeds_jit(model, 2048, 8, mode_statistics(mix))
     exact_spread = np.diag(np.asarray(target.covs[0]))                          # 0.16 / 3
     m, se = mean_and_se(spread)
     # The allowance of tests/test_fkc.py (Euler bias and the heavy-tailed finite-N bias of beta > 1).
