@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+from tests.cpu_devices import forced_cpu_env
+
 SCRIPT = textwrap.dedent("""
     import os
     import jax
@@ -62,8 +64,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_global_and_island_resampling_on_eight_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = forced_cpu_env(8)
     done = subprocess.run([sys.executable, "-c", SCRIPT], check=False, env=env, capture_output=True,
                           text=True,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))

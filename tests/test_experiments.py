@@ -4,7 +4,6 @@ End-to-end tests run `python -m experiments` in subprocesses at tiny sizes; they
 persistent JAX compilation cache so that the same tiny program is compiled once.
 """
 import json
-import os
 import pathlib
 import re
 import signal
@@ -18,6 +17,7 @@ from experiments.__main__ import main
 from experiments.harness import config as config_lib
 from experiments.harness import registry, runner, store
 from experiments.harness.store import ResultStore, StoreError
+from tests.cpu_devices import forced_cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["num_steps=10"]  # the lgssm size every subprocess test shares (with the quick demo)
@@ -26,10 +26,9 @@ TINY = ["num_steps=10"]  # the lgssm size every subprocess test shares (with the
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax-cache")
-    environ = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
-    environ.pop("XLA_FLAGS", None)
-    return environ
+    # one device (a forced count would put the demo's particles on a mesh); quick compile kept
+    return forced_cpu_env(1, JAX_COMPILATION_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT),
+                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def cli(args, env, cwd=None, timeout=120, check=None):
@@ -310,7 +309,7 @@ def test_sweep_resumes_after_kill_9(tmp_path, env):
 
 
 def test_particles_are_sharded_over_several_devices(tmp_path, env):
-    env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = forced_cpu_env(2, base=env)
     out = tmp_path / "mesh.jsonl"
     cli(["run", "lgssm", *TINY, "num_particles=32", "--out", str(out)], env, check=0)
     (record,) = lines_of(out)

@@ -24,6 +24,7 @@ import smc
 from smc import engine
 from targets.toy import lgssm
 from tests.conftest import z_score
+from tests.cpu_devices import forced_cpu_env
 
 NUM_STEPS, NUM_PARTICLES, NUM_REPLICATES = 25, 1024, 200
 COEFFICIENT = 0.95
@@ -120,8 +121,7 @@ ISLANDS = textwrap.dedent("""
 
 def test_island_gradients_match_the_kalman_gradient_on_four_devices():
     # Each island's gradient is the estimator's; pooling by evidence keeps it on the pooled cloud.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
+    env = forced_cpu_env(4)
     done = subprocess.run([sys.executable, "-c", ISLANDS], check=False, env=env,
                           capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(__file__)))

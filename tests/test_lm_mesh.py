@@ -45,6 +45,7 @@ from smollm2 import GGUF_PATH
 
 from targets.lm import sharding
 from targets.lm.load import load
+from tests.cpu_devices import forced_cpu_env
 
 # the architectures and their KV-head counts (None: hf_tiny's own; llama and qwen2 have 2)
 TINY = {"llama": None, "mistral": 2, "qwen2": None, "qwen3": 4, "gemma3": 4}
@@ -182,9 +183,7 @@ def mesh_results(tmp_path_factory):
                for arch, kv in TINY.items()}
     if GGUF_PATH is not None:
         sources["smollm2"] = "smollm2-135m"
-    flags = os.environ.get("XLA_FLAGS", "").split()  # conftest's quick-compile flags
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=8"]))
+    env = forced_cpu_env(8)
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(sources), json.dumps(MESHES), str(root)],
         check=False, env=env, capture_output=True, text=True, timeout=900,

@@ -22,6 +22,7 @@ import pytest
 
 import smc.multihost
 from tests.conftest import z_score
+from tests.cpu_devices import forced_cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEAD_PEER_TIMEOUT_S = 5   # smc.multihost.initialize(timeout_s=...) in the failure test
@@ -48,14 +49,12 @@ def free_port() -> int:
 def launch(argv: list[str], timeout: float, extra_env: dict | None = None) -> list[Finished]:
     """Run `argv` as processes 0 and 1 of one cluster; kill both past `timeout` seconds."""
     port = free_port()
-    flags = os.environ.get("XLA_FLAGS", "")  # conftest's fast-compile flags
     with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as stack:
         procs, files = [], []
         for index in range(2):
-            env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-                       XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4",
-                       JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                       JAX_PROCESS_ID=str(index))
+            env = forced_cpu_env(4, PYTHONPATH=str(ROOT),
+                                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index))
             env.pop("SMC_SKIP_MEMORY_CHECK", None)  # the engine's memory check runs on each host
             env.update(extra_env or {})
             out, err = (stack.enter_context(open(os.path.join(logs, f"{index}.{kind}"), "w+"))
