@@ -123,7 +123,7 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
             raise ValueError("target_ess must be > 0, or the exponent never moves")
         lambdas = np.zeros(num_steps + 1)
     else:
-        lambdas = _exponents(exponents, gamma, num_steps)
+        lambdas = check_exponents(exponents, gamma, num_steps, SCHEDULES)
     mask = None
     if resample_every is not None:
         mask = np.arange(num_steps) % static_int("resample_every", resample_every, 1) == 0
@@ -245,13 +245,17 @@ def check_alpha(alpha) -> float:
     return static_positive("alpha", alpha)
 
 
-def _exponents(exponents, gamma: float, num_steps: int) -> np.ndarray:
+def check_exponents(exponents, gamma: float, num_steps: int,
+                    names: tuple[str, ...] = ("das", "constant")) -> np.ndarray:
+    """lambda_0..lambda_T [T + 1] of a fixed twist schedule: "das" (with gamma), "constant", or an
+    array; ValueError unless finite, in [0, 1], non-decreasing and ending at 1. `names`: the
+    schedule names the caller accepts (for the message; "adaptive" is the caller's own)."""
     if isinstance(exponents, str):
         if exponents == "das":
             return das_exponents(num_steps, gamma)
         if exponents == "constant":
             return np.ones(num_steps + 1)
-        raise ValueError(f"exponents must be one of {SCHEDULES} or an array, got {exponents!r}")
+        raise ValueError(f"exponents must be one of {names} or an array, got {exponents!r}")
     if isinstance(exponents, jax.core.Tracer):
         raise TypeError("exponents must be concrete, not traced")
     lambdas = np.asarray(exponents, np.float64)
