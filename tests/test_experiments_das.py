@@ -15,7 +15,8 @@ def test_both_toys_are_registered_with_demos():
         experiment = registry.get(name)
         assert experiment.demo is not None
         assert set(experiment.demo.full.grid["method"]) == {
-            "reward_smc", "psi", "guidance_uncorrected", "best_of_n", "base"}
+            "reward_smc", "psi", "guidance_uncorrected", "best_of_n", "base", "fkc_product",
+            "driftlite_vcg", "driftlite_ecg", "dts", "dts_star", "rbf"}
 
 
 def test_methods_at_equal_score_evaluations_report_their_metrics():
@@ -36,6 +37,38 @@ def test_methods_at_equal_score_evaluations_report_their_metrics():
         assert metrics["nonfinite_increments"] == 0
 
 
+def test_the_neighbours_spend_at_most_the_same_budget_and_report_diversity():
+    """fkc_product, driftlite_vcg, dts, dts_star and rbf at N x T = 16 x 4 score evaluations:
+    what each returns (outputs, weights) and spends, and the diversity metric against the
+    target's (driftlite also spends a terminal evaluation and derivatives: score_vjps)."""
+    experiment = registry.get("das_ring")
+    base = dataclasses.replace(experiment.default_config(), num_particles=16, num_steps=4,
+                               best_of=4, branching=2)
+    outputs = {"fkc_product": 16, "driftlite_vcg": 16, "dts": 16, "dts_star": 1, "rbf": 4}
+    for method, count in outputs.items():
+        metrics = experiment.run(dataclasses.replace(base, method=method), jax.random.PRNGKey(0))
+        spent = 16 * 4 + (32 if method == "driftlite_vcg" else 0)   # driftlite: t_T, t_0 too
+        assert 0 < metrics["score_evals"] <= spent, (method, metrics["score_evals"])
+        assert (metrics["score_vjps"] > 0) == (method == "driftlite_vcg"), method
+        # ess_final is the outputs' ESS over N: equal weights on `count` outputs give count / N
+        if method not in ("fkc_product", "driftlite_vcg"):
+            assert metrics["ess_final"] == pytest.approx(count / 16), method
+        assert 1.0 <= metrics["modes"] <= 8.0 and metrics["sw"] > 0, (method, metrics)
+        assert metrics["exact_modes"] == pytest.approx(1.84, abs=0.01)
+        assert ("log_evidence" in metrics) == (method == "driftlite_vcg")
+        assert metrics["nonfinite_increments"] == 0
+
+
+def test_the_reward_as_a_gaussian_expert_is_the_reward():
+    """fkc_product's second expert: log N(x; c, alpha A^-1) - r(x) / alpha is one constant."""
+    from experiments.suites import das as suite
+    from targets.toy import das, gmm
+    toy = das.ring(alpha=0.7)
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, 2)) * 3
+    gap = gmm.log_prob(suite.reward_expert(toy), x) - toy.reward(x) / toy.alpha
+    assert float(gap.max() - gap.min()) < 1e-4
+
+
 def test_bad_configs_are_refused():
     experiment = registry.get("das_grid")
     with pytest.raises(config_lib.ConfigError):
@@ -45,3 +78,5 @@ def test_bad_configs_are_refused():
         config_lib.build(experiment.config_type, {}, ["method=psi", "num_particles=30"])
     with pytest.raises(config_lib.ConfigError):
         config_lib.build(experiment.config_type, {}, ["alpha=0"])
+    with pytest.raises(config_lib.ConfigError):
+        config_lib.build(experiment.config_type, {}, ["method=rbf", "best_of=1"])
