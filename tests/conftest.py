@@ -33,7 +33,8 @@ def key():
 LONGEST_FIRST = ("test_lm_mesh.py", "test_experiments.py", "test_experiments_notebooks.py",
                  "test_readme.py", "test_lm_prompt_cache.py", "test_lm_gemma3.py",
                  "test_device_check.py", "test_bench_power.py", "test_bench_decode.py",
-                 "test_multihost.py", "test_reward.py", "test_fkc.py")
+                 "test_multihost.py", "test_driftlite.py", "test_experiments_das.py",
+                 "test_reward.py", "test_fkc.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

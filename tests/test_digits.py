@@ -362,6 +362,30 @@ def test_digits_reward_at_tiny_size_spends_equal_budgets(experiment):
     np.testing.assert_array_equal(raw["smc"][0], raw["guidance"])
 
 
+def test_digits_reward_flow_network_with_neighbours_at_tiny_size(experiment):
+    """network=flow: every method on the linear interpolant, its grid inside (0, 1); neighbours:
+    DTS, DTS* and RBF spend at most the SMC budget and score finite metrics."""
+    config = experiment.RewardConfig(**TINY_REWARD, network="flow", neighbours=True)
+    _, schedule, times = experiment._network(config)
+    assert isinstance(schedule, sde.LinearInterpolant) and len(times) == 5
+    assert 0.0 < times[-1] < times[0] < 1.0
+    out = experiment.run_reward(config, jax.random.PRNGKey(0))
+    assert out["budget"] == out["smc_evaluations"] == 64
+    # DTS: 16 samples (best-of-N's 16 base samples); RBF: 16 // best_of = 8 particles.
+    assert out["dts_outputs"] == 16 and out["dts_star_outputs"] == 1 and out["rbf_outputs"] == 8
+    for method in ("smc", "psi", "guidance", "best_of_n", "dts", "dts_star", "rbf"):
+        assert 0 < out[f"{method}_evaluations"] <= out["budget"], method
+        assert not out[f"{method}_degenerate"], method
+        assert np.isfinite(out[f"{method}_reward"]) and 0 <= out[f"{method}_accuracy"] <= 1
+        assert np.isfinite(out[f"{method}_diversity"])
+    # The tree's first rollout alone costs T = 4; RBF's floor is N (T + 1) = 40.
+    assert out["dts_evaluations"] >= 4 and out["rbf_evaluations"] >= 40
+    assert out["dts_star_frechet"] is None and np.isfinite(out["dts_frechet"])
+    with pytest.raises(experiment.ConfigError, match="RBF"):
+        experiment._reward_program(experiment.RewardConfig(**{**TINY_REWARD, "best_of": 1},
+                                                           neighbours=True), None)
+
+
 def test_digits_fkc_at_tiny_size(experiment, tmp_path):
     config = experiment.FKCConfig(**TINY_FKC)
     out = experiment.run_fkc(config, jax.random.PRNGKey(0))

@@ -10,6 +10,15 @@ unconditional score network, at an equal budget of score-network evaluations:
                at t = 1, VP) and throws the particles far off the data (seen: |x| ~ 100)
   guidance     the smc proposal, weights ignored (the same run without resampling)
   best_of_n    base-model samples, the best of each group of `best_of` by reward
+  dts, dts_star, rbf  (`neighbours=true`) the searches of `targets.diffusion.dts` and `rbf` at the
+               same budget (max_evaluations = the SMC budget; forward passes only, batch 1 for
+               the DTS tree): dts draws as many samples from its tree as best-of-N has base
+               samples, dts_star is its single best leaf (no covariance: frechet None), rbf runs
+               num_base // best_of particles; `<method>_evaluations` is what each actually spent
+`network=flow` runs every method with the shipped flow network as a score on
+`sde.LinearInterpolant()`, on VP's signal-to-noise grid mapped onto it (`sde.matching_time`,
+docs/algorithms.md section 10), which ends at t = 1e-3; the budget rule is unchanged. Psi runs
+there too: its pCNL chains target the same reward-tilted initial law at t_0 on either schedule.
 digits_fkc: FKC classifier-free guidance q_u^{1-w} q_c^w at each w of `guidance_weights`, and the
 product of experts p(x | label) p(x | thick) / p(x) (exponents 1, 1, -1), each with its FKC
 weights ("fkc") and without ("plain": the same sampler, no weights, no resampling); "joint" is the
@@ -254,6 +263,11 @@ class RewardConfig:
     psi_step_size: float = param(0.5, "Psi-Sampler: pCNL step size h", low=0.0, low_open=True)
     psi_guidance: float = param(0.0, "Psi-Sampler: gradient-guidance scale of its SMC (its "
                                 "lambda = 1 from t = 1 makes guidance unstable here)", low=0.0)
+    network: str = param("score", "score network (VP) or flow network (linear interpolant)",
+                         choices=("score", "flow"))
+    neighbours: bool = param(False, "also DTS, DTS* and RBF at the same budget (slow: DTS "
+                             "calls the network one particle at a time)")
+    branching: int = param(4, "DTS / DTS*: most children per tree node", low=1)
 
 
 def psi_particles(budget: int, smc_cost: int, config: RewardConfig) -> int:
@@ -269,6 +283,44 @@ def psi_particles(budget: int, smc_cost: int, config: RewardConfig) -> int:
     return max(n, 0)
 
 
+def _network(config: RewardConfig) -> tuple[sde.ScoreFn, sde.Schedule, np.ndarray]:
+    """(unconditional score, its schedule, its grid of num_steps steps). The flow grid has VP's
+    signal-to-noise ratios: a grid uniform in t near t = 1 is unstable on the linear
+    interpolant (`sde.LinearInterpolant`)."""
+    if config.network == "flow":
+        linear = sde.LinearInterpolant()
+        times = sde.matching_time(linear, sde.VP(), sde.time_grid(config.num_steps, t_min=1e-5))
+        return _flow_score(), linear, sde.check_time_grid(np.asarray(times, np.float64), linear)
+    return _score(), sde.VP(), sde.time_grid(config.num_steps)
+
+
+def _searches(config: RewardConfig, score, r, schedule, times, budget: int, num_base: int):
+    """key -> {"dts": (samples, spent), "dts_star": (best [1, d], spent), "rbf": (x, spent)}:
+    the searches at max_evaluations = budget, each with the evaluations it spent."""
+    from targets.diffusion import dts, rbf
+
+    common = {"schedule": schedule, "times": times, "dim": DIM, "max_evaluations": budget}
+    num_rbf = num_base // config.best_of
+    if num_rbf < 1 or num_rbf * len(times) > budget:
+        raise ConfigError(f"RBF with num_base // best_of = {num_rbf} particles needs "
+                          f"{num_rbf} * (num_steps + 1) <= {budget} evaluations: raise best_of "
+                          f"or num_particles")
+
+    def run(key):
+        k_dts, k_star, k_rbf = jax.random.split(key, 3)
+        tree = dts.sample(k_dts, score, r, alpha=config.alpha, branching=config.branching,
+                          num_samples=num_base, **common)
+        star = dts.search(k_star, score, r, alpha=config.alpha, branching=config.branching,
+                          **common)
+        out = rbf.search(k_rbf, score, r, num_particles=num_rbf, **common)
+        # RBF's total_evaluations is what its budget is charged (the last step's candidates
+        # included), so it is the count compared with the SMC budget.
+        return {"dts": (tree.samples, tree.score_evaluations),
+                "dts_star": (star.best[None], star.score_evaluations),
+                "rbf": (out.x, out.total_evaluations)}
+    return run
+
+
 @functools.lru_cache(maxsize=16)
 def _reward_program(config: RewardConfig, mesh: Mesh | None):
     from targets.diffusion import psi
@@ -276,9 +328,8 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
 
     _, _, classify = _networks()
     r = lambda x: jax.nn.log_softmax(classify(x)[0], axis=-1)[:, config.label]
-    times = sde.time_grid(config.num_steps)
-    score = _score()
-    common = {"alpha": config.alpha, "schedule": sde.VP(), "times": times, "dim": DIM}
+    score, schedule, times = _network(config)
+    common = {"alpha": config.alpha, "schedule": schedule, "times": times, "dim": DIM}
     model = reward_lib.reward_smc(score, r, exponents=config.exponents,
                                   guidance=config.guidance, **common)
     cost = (2 if config.guidance > 0 else 1) * reward_lib.score_evaluations(times)
@@ -292,9 +343,11 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
     psi_model = psi.psi_sampler(score, r, step_size=config.psi_step_size,
                                 num_chains=config.psi_chains, burn_in=config.psi_burn_in,
                                 thin=config.psi_thin, guidance=config.psi_guidance, **common)
-    base = fkc.anneal(score, 1.0, schedule=sde.VP(), times=times, dim=DIM)
+    base = fkc.anneal(score, 1.0, schedule=schedule, times=times, dim=DIM)
     resampler = smc.resampling.get(config.resampling)
     n = config.num_particles
+    search = (_searches(config, score, r, schedule, times, budget, num_base)
+              if config.neighbours else None)
 
     def program(key):
         k_smc, k_psi, k_base = jax.random.split(key, 3)
@@ -307,6 +360,9 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
         out["guidance"] = _run_unweighted(k_smc, model, n).particles.x
         base_x = _run_unweighted(k_base, base, num_base).particles
         out["base"] = (base_x, r(base_x))
+        if search is not None:
+            # A key of its own, so that the other methods draw what they drew without it.
+            out.update(search(jax.random.fold_in(key, 3)))
         return out
 
     budgets = {"smc": budget, "guidance": budget, "best_of_n": num_base * config.num_steps,
@@ -332,6 +388,11 @@ def run_reward(config: RewardConfig, key: jax.Array, mesh: Mesh | None = None) -
     result.update(_flatten("best_of_n", evaluate(best_x, None, config.label, reference),
                            budgets["best_of_n"]))
     result["best_of_n_outputs"] = len(best_x)
+    for name in ("dts", "dts_star", "rbf"):
+        if name in out:
+            x, spent = out[name]
+            result.update(_flatten(name, evaluate(x, None, config.label, reference), spent))
+            result[f"{name}_outputs"] = len(x)
     return result
 
 
@@ -391,11 +452,14 @@ register(Experiment(
 
 register(Experiment(
     name="digits_reward",
-    description="8x8 digits: reward-guided SMC, Psi-Sampler, uncorrected guidance and best-of-N "
-                "for a classifier reward at an equal score-network budget",
+    description="8x8 digits: reward-guided SMC, Psi-Sampler, uncorrected guidance, best-of-N "
+                "(and DTS, DTS*, RBF) for a classifier reward at an equal network budget",
     config_type=RewardConfig,
     run=run_reward,
     summary_metrics=("budget", "smc_reward", "psi_reward", "guidance_reward", "best_of_n_reward",
-                     "smc_accuracy", "psi_accuracy", "guidance_accuracy", "best_of_n_accuracy"),
+                     "smc_accuracy", "psi_accuracy", "guidance_accuracy", "best_of_n_accuracy",
+                     # With neighbours=true only (report skips the columns a run lacks).
+                     "dts_reward", "dts_star_reward", "rbf_reward", "dts_accuracy",
+                     "rbf_accuracy", "dts_evaluations", "rbf_evaluations"),
     plots=plot_grids,
 ))
