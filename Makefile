@@ -36,6 +36,7 @@ test: $(FULL_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(FULL_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[genlm]'   # the genlm-control peer, for bench only
 	$(BIN)/python -m experiments bench --all --readme README.md
 
 clean:

@@ -57,7 +57,7 @@ MODULES: list[str] = ["experiments.suites.toys", "experiments.suites.fkc",
                       "experiments.benchmarks.overhead", "experiments.benchmarks.fkc",
                       "experiments.benchmarks.power", "experiments.benchmarks.decode",
                       "experiments.benchmarks.prompt_cache", "experiments.benchmarks.sampling",
-                      "experiments.benchmarks.constraints"]
+                      "experiments.benchmarks.constraints", "experiments.benchmarks.genlm"]
 
 RunFn = Callable[..., dict]
 PlotFn = Callable[[list, Any], list]
