@@ -38,7 +38,7 @@ def check_rows(rows: list[dict], system: str) -> None:
         assert float(r["wall s / prompt"]) > 0 and float(r["LM rows / prompt"]) >= 1
         assert 0.0 <= float(r["satisfied mass"]) <= 1.0
         # ours proposes regex / JSON from the exact mask: no checks; every AWRS row counts them
-        if system == "ours" and not r["constraint"].startswith("grammar"):
+        if system.startswith("ours") and not r["constraint"].startswith("grammar"):
             assert r["checks / token"] == "mask"
         else:
             assert float(r["checks / token"]) > 0
@@ -58,12 +58,27 @@ def test_summary_weighs_only_ended_particles_that_pass_the_check():
     out = bench_genlm.summarize([run()], [[1]], lambda t: t == "a", text, score)
     assert out["mass"] == pytest.approx(1 / 8)
     assert out["logp"] == pytest.approx(-(5 * 1 + 6 * 3 + 7 * 4) / 8)
-    assert out["checks"] is None and out["rows"] == 3
+    assert out["checks"] is None and out["rows"] == 3 and out["correct"] is None
+    judged = bench_genlm.summarize([run(), run()], [[1], [1]], lambda t: t == "a", text, score,
+                                   correct=lambda i, t: i == 1)   # prompt 1's "a" is right
+    assert judged["mass"] == pytest.approx(1 / 8) and judged["correct"] == pytest.approx(1 / 16)
     dead = run(log_weights=np.full(3, -np.inf), log_evidence=-np.inf, checks=12)
     out = bench_genlm.summarize([run(checks=0), dead], [[1], [1]], lambda t: t == "a", text,
                                 score)
     assert out["mass"] == pytest.approx(1 / 16)         # a prompt with no weight left counts 0
     assert out["log_z"] == -math.inf and out["checks"] == pytest.approx(12 / (6 + 6))
+
+
+def test_correct_answers_of_the_regex_and_the_grammar():
+    pytest.importorskip("lark")
+    import lark
+    regex, grammar = bench_genlm.constraint_specs(["regex", "grammar"], 8, "json enums")
+    assert regex.correct(0, " 12.") and not regex.correct(0, "13")        # "What is 7 + 5?"
+    parser = lark.Lark(bench_genlm.ARITHMETIC)
+    value = lambda text: bench_genlm.expression_value(parser.parse(text))
+    assert [value(t) for t in ["10-2-3", "7 / 2 * 2", "(3 + 4) * 2", "1/0", "5 + 0", "0*2"]] == [
+        5, 7, 14, None, 5, 0]
+    assert grammar.correct(0, "(3 + 3) * 4") and not grammar.correct(1, "5*3")   # 24, then 10
 
 
 def test_text_of_and_alphabet_mask():
@@ -99,10 +114,13 @@ def test_the_checks_of_the_constraints():
 @needs_model
 def test_quick_table_of_our_side():
     from experiments.harness import bench_cli
-    text = bench_cli.run(bench_genlm.BENCHMARK, [*TINY, "--systems", "ours"])
+    text = bench_cli.run(bench_genlm.BENCHMARK, [*TINY, "--systems", "ours-distinct"])
     assert "python -m experiments bench genlm " in text
     rows = table_rows(text)
-    check_rows(rows, "ours")
+    check_rows(rows, "ours-distinct")
+    # the decode calls' batch rows, counted: at most N = 4 per step of at most T = 6, and the
+    # first step's 4 copies of the prompt are one distinct row
+    assert all(float(r["LM rows / prompt"]) <= 4 * 5 + 1 + 1 for r in rows)
     assert all(r["satisfied mass"] == "1.000" for r in rows)
     assert all(math.isfinite(float(r["log Z_hat"])) for r in rows)
 

@@ -8,7 +8,9 @@ holds only its own tokens; attention merges the two parts exactly (one softmax o
 - both equal a full causal recomputation (`forward` over prompt + tokens; 1 and 37 tokens);
 - prefill in chunks of 256 positions equals prefill in one chunk.
 And Power-SMC resampling at every one of 12 steps keeps every particle's log p equal to the full
-recomputation: particles that share a prompt stay right however often they are resampled.
+recomputation: particles that share a prompt stay right however often they are resampled, also
+when the model runs on the distinct rows only (`distinct_rows`: each copy is handed its
+representative's cache).
 """
 import dataclasses
 import functools
@@ -103,13 +105,15 @@ def test_chunked_prefill_equals_one_chunk(lm):
 
 
 @needs_model
-def test_particles_sharing_a_prompt_stay_right_through_many_resamplings(lm):
+@pytest.mark.parametrize("distinct_rows", [False, True])
+def test_particles_sharing_a_prompt_stay_right_through_many_resamplings(lm, distinct_rows):
     import smc
     from targets.lm.power import power_model
     model, params = lm
     prompt, T, N = prompt_of(37), 12, 8
     result = jax.jit(lambda k, p: smc.run(
-        k, power_model(model, p, prompt, alpha=4.0, max_new_tokens=T, eos_ids=-1), N,
+        k, power_model(model, p, prompt, alpha=4.0, max_new_tokens=T, eos_ids=-1,
+                       distinct_rows=distinct_rows), N,
         ess_threshold=1.0, record_ancestors=True))(jax.random.PRNGKey(3), params)
     steps = int(result.num_steps)
     assert steps == T and bool(np.all(np.asarray(result.resampled)[:steps]))

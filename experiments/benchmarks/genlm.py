@@ -2,10 +2,13 @@
 
     python -m experiments bench genlm [--particles 8] [--prompts 2] [--tokens 24]
         [--constraints regex json grammar] [--schema "json enums"] [--grammar-mask alphabet]
-        [--systems ours genlm] [--seed 0] [--threads 2] [--out f.md]
+        [--systems ours ours-distinct genlm] [--seed 0] [--threads 2] [--out f.md]
 
-(The defaults take about 10 minutes on a loaded 2-core machine, genlm's JSON Schema most of it;
-the README's table: ``--particles 8 32 --prompts 8``.) Both systems sample, for each prompt x,
+(The defaults take about 10 minutes on a 2-core machine, genlm's JSON Schema most of it; the
+README's table: ``--particles 8 32 128 --prompts 8``, genlm's JSON Schema and grammar at N = 128
+or 32 on 2 prompts: it takes minutes per prompt there.) ``ours-distinct`` is ours with
+``distinct_rows=True``: the model runs on the distinct unfinished particles only, as genlm's
+prefix cache does. Both systems sample, for each prompt x,
 from p(y | x) 1[y in L] over the answers y that end with the model's EOS (``<|im_end|>``)
 within T tokens, the T-th being a forced EOS (our ``forced_eos=True``, genlm's
 ``max_tokens``), with N particles, systematic resampling when the ESS falls below N / 2, on the
@@ -28,12 +31,16 @@ to the LM's tokens, as its README does for a regex and a JSON Schema; no critic)
 
 Columns (means over the prompts): wall seconds per prompt; the satisfied mass, the normalised
 weight on particles that ended with EOS and whose text passes Python's own check (``re``,
-``jsonschema``, ``lark``), 0 for a prompt whose every weight is zero; log p per token, the
+``jsonschema``, ``lark``), 0 for a prompt whose every weight is zero; the correct mass, the
+part of it whose answer is right (regex: the number equals the arithmetic prompt's answer;
+grammar: the expression's exact value is the one asked for; JSON: "-"); log p per token, the
 weighted mean over particles of log p(y, EOS | x) / (|y| + 1), every sequence scored by ONE
 scorer, our JAX model's forward pass; log Z_hat as each system reports it (ours
 ``log_evidence``, genlm ``Sequences.log_ml``; "(k/K prompts)": k prompts gave -inf, no particle
-left, or NaN, a flagged NaN weight, which stops our run where it is); LM rows per prompt (ours N
-x steps plus the prompt's prefill row; genlm the batch rows of every forward of its
+left, or NaN, a flagged NaN weight, which stops our run where it is); LM rows per prompt (ours:
+the batch rows of every decode call, counted by a host callback, plus the prompt's prefill row;
+N per step, or with ``ours-distinct`` (``distinct_rows=True``) the bucket of distinct unfinished
+rows that step ran on; genlm the batch rows of every forward of its
 transformers model, counted by a forward hook, its prompt included: genlm caches next-token
 distributions per token prefix, so particles that share a prefix share a row); checks per
 token, the constraint checks the AWRS loop asks for, over N x steps (ours: candidates handed to
@@ -53,9 +60,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import fractions
 import functools
 import importlib.metadata
 import json
+import operator
 import os
 import re
 import sys
@@ -68,9 +77,10 @@ import numpy as np
 from experiments.harness import bench_cli, markdown
 from experiments.harness.registry import Benchmark, register
 
-COLUMNS = ("constraint", "N", "system", "wall s / prompt", "satisfied mass", "log p / token",
+COLUMNS = ("constraint", "N", "system", "wall s / prompt", "satisfied mass", "correct mass",
+           "log p / token",
            "log Z_hat", "LM rows / prompt", "checks / token")
-SYSTEMS = ("ours", "genlm")
+SYSTEMS = ("ours", "ours-distinct", "genlm")
 NUMBER = r" ?\d+\.?"
 ARITHMETIC = r"""start: expr
 expr: term (ADD term)*
@@ -96,6 +106,7 @@ class Constraint(NamedTuple):
     check: Callable[[str], bool]                  # text in L (Python's own check)
     ours: Callable[[list, Sequence[int]], Any]    # (token_bytes, special_ids) -> Potential
     genlm: Callable[[], Any]                      # () -> genlm potential over bytes
+    correct: Callable[[int, str], bool] | None = None  # (prompt index, text in L) -> right answer
 
 
 class Run(NamedTuple):
@@ -121,10 +132,16 @@ def regex_constraint_spec(count: int) -> Constraint:
         from genlm.control import BoolFSA
         return BoolFSA.from_regex(NUMBER)
 
+    prompts = load_prompts(PROMPTS, count)
+
+    def correct(i: int, text: str) -> bool:
+        return float(text.strip().rstrip(".")) == float(prompts[i].answer)
+
     return Constraint(
-        "regex", [p.prompt for p in load_prompts(PROMPTS, count)],
+        "regex", [p.prompt for p in prompts],
         lambda text: re.fullmatch(NUMBER, text) is not None,
-        lambda tb, special: P.regex_constraint(NUMBER, tb, special_ids=special), genlm_fsa)
+        lambda tb, special: P.regex_constraint(NUMBER, tb, special_ids=special), genlm_fsa,
+        correct)
 
 
 def json_constraint_spec(count: int, schema_name: str) -> Constraint:
@@ -188,7 +205,31 @@ def grammar_constraint_spec(count: int, mask: bool) -> Constraint:
 
     prompts = [f"Write an arithmetic expression whose value is {n}, using integers, + - * / "
                f"and parentheses. Reply with the expression only." for n in TARGETS[:count]]
-    return Constraint("grammar (lark)", prompts, check, ours, genlm_cfg)
+
+    def correct(i: int, text: str) -> bool:
+        return expression_value(parser.parse(text)) == TARGETS[i]
+
+    return Constraint("grammar (lark)", prompts, check, ours, genlm_cfg, correct)
+
+
+def expression_value(tree) -> fractions.Fraction | None:
+    """The exact value of a parse tree of `ARITHMETIC` (None: a division by zero)."""
+    import lark
+    if isinstance(tree, lark.Token):
+        return fractions.Fraction(int(tree)) if tree.type == "NUMBER" else None
+    parts = [c for c in tree.children if not (isinstance(c, lark.Token) and c.type
+                                              in ("LPAR", "RPAR"))]
+    value = expression_value(parts[0])
+    for op, operand in zip(parts[1::2], parts[2::2]):
+        right = expression_value(operand)
+        if value is None or right is None:
+            return None
+        symbol = op.strip()
+        if symbol == "/" and right == 0:
+            return None
+        value = {"+": operator.add, "-": operator.sub, "*": operator.mul,
+                 "/": operator.truediv}[symbol](value, right)
+    return value
 
 
 def constraint_specs(names: Sequence[str], count: int, schema_name: str,
@@ -259,8 +300,24 @@ def counted_accepts(potential, counts: collections.Counter):
     return potential._replace(accepts=accepts)
 
 
+def counted_rows(model, counts: collections.Counter):
+    """`model` (a frozen dataclass) whose `decode` adds the rows of each call, its batch size,
+    to ``counts["rows"]`` (a host callback: `distinct_rows` picks the size at run time)."""
+    import dataclasses
+
+    import jax
+
+    class Counted(type(model)):
+        def decode(self, params, prompt_cache, cache, tokens, positions):
+            rows = tokens.shape[0]
+            jax.debug.callback(lambda: counts.update(rows=rows))
+            return super().decode(params, prompt_cache, cache, tokens, positions)
+
+    return Counted(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
+
+
 def run_ours(constraint: Constraint, prompts: list[list[int]], N: int, T: int, seed: int,
-             lm) -> list[Run]:
+             lm, distinct_rows: bool = False) -> list[Run]:
     """Twisted SMC on each prompt (one jitted program, compiled on the first prompt)."""
     import dataclasses
 
@@ -277,12 +334,13 @@ def run_ours(constraint: Constraint, prompts: list[list[int]], N: int, T: int, s
     if rejection:
         potential = counted_accepts(potential, counts)
     width = max(len(p) for p in prompts)
-    sized = dataclasses.replace(model, max_len=width + T)
+    sized = counted_rows(dataclasses.replace(model, max_len=width + T), counts)
 
     @jax.jit
     def program(key, params, prompt, length):
         r = twisted_smc(key, sized, params, prompt, potential, num_particles=N,
-                        max_new_tokens=T, prompt_length=length, ess_threshold=0.5)
+                        max_new_tokens=T, prompt_length=length, ess_threshold=0.5,
+                        distinct_rows=distinct_rows)
         s = r.particles
         return (s.tokens, s.body_length, s.ended_with_eos, r.log_weights, r.log_evidence,
                 r.num_steps, jnp.sum(r.nonfinite_increments))
@@ -300,10 +358,11 @@ def run_ours(constraint: Constraint, prompts: list[list[int]], N: int, T: int, s
         start = time.perf_counter()
         out = call(i)
         seconds = time.perf_counter() - start
+        jax.effects_barrier()
         tokens, body_length, ended, log_w, log_z, steps, nonfinite = map(np.asarray, out)
         runs.append(Run([tuple(int(t) for t in row[:n]) for row, n in zip(tokens, body_length)],
                         ended, log_w.astype(np.float64), float(log_z), seconds,
-                        N * int(steps) + 1, int(steps), counts["checks"] if rejection else None,
+                        counts["rows"] + 1, int(steps), counts["checks"] if rejection else None,
                         int(nonfinite)))
     return runs
 
@@ -382,24 +441,31 @@ def smollm2(scan_layers: bool):
 
 
 
-def summarize(runs: list[Run], prompts: list[list[int]], check, text, score) -> dict:
-    """Means over prompts of the table's columns (see the module docstring)."""
-    mass, logp, checks, particle_steps = [], [], 0, 0
-    for run, prompt in zip(runs, prompts):
+def summarize(runs: list[Run], prompts: list[list[int]], check, text, score,
+              correct=None) -> dict:
+    """Means over prompts of the table's columns (see the module docstring); ``correct(i,
+    text)`` judges a text of the language for prompt i (None: no correct-mass column)."""
+    mass, right, logp, checks, particle_steps = [], [], [], 0, 0
+    for i, (run, prompt) in enumerate(zip(runs, prompts)):
         finite = np.isfinite(run.log_weights)
         if not finite.any():
             mass.append(0.0)
+            right.append(0.0)
         else:
             w = np.where(finite, np.exp(run.log_weights - run.log_weights[finite].max()), 0.0)
             w /= w.sum()
-            ok = [bool(e) and (t := text(b)) is not None and check(t)
-                  for b, e in zip(run.bodies, run.ended)]
+            texts = [text(b) if e else None for b, e in zip(run.bodies, run.ended)]
+            ok = np.array([t is not None and check(t) for t in texts], bool)
+            good = np.array([bool(k) and correct is not None and correct(i, t)
+                             for k, t in zip(ok, texts)], bool)
             mass.append(float(np.sum(w[ok])))
+            right.append(float(np.sum(w[good])))
             live = [b for b, f in zip(run.bodies, finite) if f]
             logp.append(float(np.dot(w[finite], score(prompt, live))))
         checks += run.checks or 0
         particle_steps += len(run.bodies) * run.steps
     return {"seconds": float(np.mean([r.seconds for r in runs])), "mass": float(np.mean(mass)),
+            "correct": float(np.mean(right)) if correct is not None else None,
             "logp": float(np.mean(logp)) if logp else float("nan"),
             "log_z": float(np.mean([r.log_evidence for r in runs])),
             "log_z_nonfinite": sum(not np.isfinite(r.log_evidence) for r in runs),
@@ -430,13 +496,14 @@ def bench(args: argparse.Namespace) -> list[dict]:
     for c in specs:
         for N in args.particles:
             for system in args.systems:
-                if system == "ours":
-                    runs = run_ours(c, ids[c.name], N, args.tokens, args.seed, lm)
+                if system.startswith("ours"):
+                    runs = run_ours(c, ids[c.name], N, args.tokens, args.seed, lm,
+                                    distinct_rows=system == "ours-distinct")
                 else:
                     runs = run_genlm(c, ids[c.name], N, args.tokens, args.seed, args.threads,
                                      token_bytes[eos])
                 rows.append({"constraint": c.name, "N": N, "system": system,
-                             **summarize(runs, ids[c.name], c.check, text, score)})
+                             **summarize(runs, ids[c.name], c.check, text, score, c.correct)})
                 print("  " + " | ".join(cells(rows[-1])), file=sys.stderr, flush=True)
     return rows
 
@@ -446,12 +513,13 @@ def cells(r: dict) -> list[str]:
     log_z = f"{r['log_z']:.2f}" + (f" ({r['log_z_nonfinite']}/{r['prompts']} prompts)"
                                    if r["log_z_nonfinite"] else "")
     return [r["constraint"], str(r["N"]), r["system"], f"{r['seconds']:.2f}", f"{r['mass']:.3f}",
+            "-" if r["correct"] is None else f"{r['correct']:.3f}",
             f"{r['logp']:.3f}", log_z, f"{r['rows']:.0f}",
             "mask" if r["checks"] is None else f"{r['checks']:.2f}"]
 
 
 def to_markdown(rows: list[dict]) -> str:
-    return markdown.table(COLUMNS, map(cells, rows), [False, True, False] + [True] * 6)
+    return markdown.table(COLUMNS, map(cells, rows), [False, True, False] + [True] * 7)
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:

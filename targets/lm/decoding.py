@@ -41,6 +41,7 @@ from proposals import tokens as token_proposals
 from smc.engine import split_keys
 from smc.feynman_kac import group_rows
 from smc.validation import check_count, static_int
+from targets.lm import distinct
 from targets.lm.protocol import LanguageModel, check_language_model
 
 Array = jax.Array
@@ -246,17 +247,18 @@ def token_logprob(state: SequenceState, tokens: Array) -> Array:
 
 
 def append(lm: LanguageModel, params: Any, prefilled: Prefilled, state: SequenceState,
-           tokens: Array, logq: Array, eos_ids: tuple[int, ...], live: Array | None = None
-           ) -> SequenceState:
+           tokens: Array, logq: Array, eos_ids: tuple[int, ...], live: Array | None = None,
+           distinct_rows: bool = False) -> SequenceState:
     """Append tokens [N] (with their proposal log q [N]) to the live rows (default: those not
     done); the other rows are frozen: nothing is written to their cache, tokens or scores. A live
-    row whose token is any of `eos_ids` ends with it."""
+    row whose token is any of `eos_ids` ends with it. With `distinct_rows`, the model runs on
+    one row per distinct live sequence of each prompt that has not just ended
+    (`targets.lm.distinct`); the results are the same except the log-probabilities of a row
+    that ended, which are meaningless either way (here: the row's previous ones)."""
     n, max_new = state.tokens.shape
     live = ~state.done if live is None else live
     tokens = jnp.where(live, tokens, eos_ids[0]).astype(jnp.int32)
     position = jnp.where(live, state.prompt_length + state.length, lm.max_len)
-    cache, next_logprobs = lm.decode(params, prefilled.prompt_cache, state.cache, tokens,
-                                     position)
     rows = jnp.arange(n)
     slot = jnp.where(live, state.length, max_new)      # out of range: dropped for frozen rows
     length = state.length + live.astype(jnp.int32)
@@ -265,11 +267,26 @@ def append(lm: LanguageModel, params: Any, prefilled: Prefilled, state: Sequence
     def write(buffer: Array, values: Array) -> Array:
         return buffer.at[rows, slot].set(values.astype(buffer.dtype), mode="drop")
 
+    sequences = write(state.tokens, tokens)
+    done = state.done | ends_with_eos | (live & (length >= max_new))
+    if distinct_rows:
+        # a row that ends here needs no next distribution: it keeps its last one, and its cache
+        # misses only the ending token, which nothing reads (ended rows are frozen)
+        evaluate = live & ~done
+        groups = prefilled.lengths.shape[0]
+        rep = distinct.representatives(sequences, length, evaluate, groups)
+        cache, next_logprobs = distinct.decode(lm, params, prefilled.prompt_cache, state.cache,
+                                               tokens, position, rep, evaluate, groups)
+    else:
+        evaluate = live
+        cache, next_logprobs = lm.decode(params, prefilled.prompt_cache, state.cache, tokens,
+                                         position)
     return SequenceState(
         cache=cache,
-        logprobs=jnp.where(live[:, None], next_logprobs.astype(jnp.float32), state.logprobs),
-        tokens=write(state.tokens, tokens), length=length, prompt_length=state.prompt_length,
-        done=state.done | ends_with_eos | (live & (length >= max_new)),
+        logprobs=jnp.where(evaluate[:, None], next_logprobs.astype(jnp.float32),
+                           state.logprobs),
+        tokens=sequences, length=length, prompt_length=state.prompt_length,
+        done=done,
         ended_with_eos=state.ended_with_eos | ends_with_eos,
         token_logp=write(state.token_logp, token_logprob(state, tokens)),
         token_logq=write(state.token_logq, logq), log_potential=state.log_potential)
@@ -324,7 +341,8 @@ def categorical(key: Array, logq_all: Array) -> Array:
 def rollout(key: Array, lm: LanguageModel, params: Any, prefilled: Prefilled,
             state: SequenceState, proposal: Proposal, eos_ids: tuple[int, ...], *, limit: Any = None,
             teacher: Array | None = None, cut: Array | None = None,
-            sample: Sampler = categorical, groups: int | None = None) -> SequenceState:
+            sample: Sampler = categorical, groups: int | None = None,
+            distinct_rows: bool = False) -> SequenceState:
     """Append tokens until every row has ended or holds `limit` tokens (default T; may be traced).
 
     Token j of a row is ``teacher[row, j]`` while j < ``cut[row]`` (teacher forcing: scored
@@ -332,7 +350,7 @@ def rollout(key: Array, lm: LanguageModel, params: Any, prefilled: Prefilled,
     One `lax.while_loop` that stops as soon as no row is live. With `groups` = G, `key` holds G
     keys and the rows G consecutive groups, group g sampled with keys[g] (as G separate calls
     would: a row that has ended is frozen, so the loop running on for other groups changes
-    nothing in it).
+    nothing in it). `distinct_rows`: see `append`.
     """
     n, max_new = state.tokens.shape
     limit = max_new if limit is None else limit
@@ -354,7 +372,8 @@ def rollout(key: Array, lm: LanguageModel, params: Any, prefilled: Prefilled,
             forced = teacher[rows, jnp.minimum(s.length, max_new - 1)]
             tokens = jnp.where(s.length < cut, forced, tokens)
         logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
-        return i + 1, append(lm, params, prefilled, s, tokens, logq, eos_ids, live=live(s))
+        return i + 1, append(lm, params, prefilled, s, tokens, logq, eos_ids, live=live(s),
+                             distinct_rows=distinct_rows)
 
     _, state = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), state))
     return state

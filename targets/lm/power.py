@@ -63,7 +63,7 @@ from jax.scipy.special import logsumexp
 
 import smc
 from proposals.tokens import filtered_logprobs
-from smc.validation import static_int, static_positive
+from smc.validation import static_bool, static_int, static_positive
 from targets.lm import decoding
 from targets.lm.decoding import SequenceState
 
@@ -82,7 +82,7 @@ def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt
                 ramp_length: int = 0, forced_eos: bool = False,
                 proposal_alpha: float | None = None, top_k: int | None = None,
                 top_p: float | None = None, eos_ids: int | Sequence[int] | None = None,
-                resample_every: int = 1) -> smc.FeynmanKac:
+                resample_every: int = 1, distinct_rows: bool = False) -> smc.FeynmanKac:
     """The Feynman-Kac model of Power-SMC (module docstring: target and weights).
 
     ``lm`` is a `targets.lm.protocol.LanguageModel`. ``prompt``: one prompt, a 1-D token array
@@ -95,7 +95,9 @@ def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt
     a_t. ``eos_ids``: the tokens that end a sequence, any of them (default the model's; the first
     is the forced one; see `decoding.resolve_eos`). ``resample_every = k``: the ESS is tested
     (and resampling may happen) only before tokens 1, k + 1, 2k + 1, ... (the Power-SMC paper
-    tests it every 64 tokens); the weights are exact either way.
+    tests it every 64 tokens); the weights are exact either way. ``distinct_rows``: run the
+    model on one row per distinct unfinished sequence (`targets.lm.distinct`; same results, less
+    work when resampling leaves copies).
     """
     alpha = static_positive("alpha", alpha)
     T = static_int("max_new_tokens", max_new_tokens, 1)
@@ -112,6 +114,7 @@ def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt
     prompts, prompt_lengths, groups = decoding.check_prompt_or_prompts(lm, prompt, prompt_length,
                                                                        T)
     eos = decoding.resolve_eos(lm, eos_ids, forced_eos)
+    distinct_rows = static_bool("distinct_rows", distinct_rows)
     exponent = exponent_schedule(alpha, ramp_length)
     # q_t = p^{a_t} / C_t exactly: the token-independent log C_t form of the weight applies.
     exact_form = proposal_alpha is None and top_k is None and top_p is None
@@ -131,7 +134,8 @@ def power_model(lm, params, prompt, *, alpha: float, max_new_tokens: int, prompt
         tokens, logq, forced = decoding.draw_token(key, state, logq_all, eos, forced_eos,
                                                    groups=groups)
         lp_token = decoding.token_logprob(state, tokens)
-        new = decoding.append(lm, params, prefilled, state, tokens, logq, eos)
+        new = decoding.append(lm, params, prefilled, state, tokens, logq, eos,
+                              distinct_rows=distinct_rows)
         if exact_form:
             token_term = logsumexp(a_t * state.logprobs, axis=-1)          # log C_t
             token_term = jnp.where(forced, a_t * lp_token, token_term)
@@ -156,8 +160,8 @@ def power_smc(key, lm, params, prompt, *, alpha: float, num_particles: int, max_
               prompt_length=None, ramp_length: int = 0, forced_eos: bool = False,
               proposal_alpha: float | None = None, top_k: int | None = None,
               top_p: float | None = None, eos_ids: int | Sequence[int] | None = None,
-              resample_every: int = 1, resampling=smc.resampling.systematic,
-              ess_threshold: float = 0.5) -> smc.SMCResult:
+              resample_every: int = 1, distinct_rows: bool = False,
+              resampling=smc.resampling.systematic, ess_threshold: float = 0.5) -> smc.SMCResult:
     """Run Power-SMC: an `smc.SMCResult` whose particles are the weighted sequences
     (`decoding.SequenceState` without the cache; `decoding.draw` picks one).
 
@@ -170,6 +174,7 @@ def power_smc(key, lm, params, prompt, *, alpha: float, num_particles: int, max_
     model = power_model(lm, params, prompt, alpha=alpha, max_new_tokens=max_new_tokens,
                         prompt_length=prompt_length, ramp_length=ramp_length,
                         forced_eos=forced_eos, proposal_alpha=proposal_alpha, top_k=top_k,
-                        top_p=top_p, eos_ids=eos_ids, resample_every=resample_every)
+                        top_p=top_p, eos_ids=eos_ids, resample_every=resample_every,
+                        distinct_rows=distinct_rows)
     result = smc.run(key, model, num_particles, resampling=resampling, ess_threshold=ess_threshold)
     return result._replace(particles=decoding.without_cache(result.particles))

@@ -132,8 +132,8 @@ class TwistedComponents(NamedTuple):
 def twisted_components(lm, params, prompt, potential: Potential, *, max_new_tokens: int,
                        block_size: int = 1, temperature: float = 1.0, rejuvenate: bool = False,
                        forced_eos: bool = True, lookahead: int = 0, prompt_length=None,
-                       eos_ids: int | Sequence[int] | None = None, mask_proposal: bool = True
-                       ) -> TwistedComponents:
+                       eos_ids: int | Sequence[int] | None = None, mask_proposal: bool = True,
+                       distinct_rows: bool = False) -> TwistedComponents:
     """Build reward-twisted SMC; every argument is checked before generation.
 
     ``prompt``: one prompt [P] with ``prompt_length`` real tokens (default P), or B prompts
@@ -148,7 +148,9 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     docstring; with ``forced_eos=False``). ``mask_proposal``: propose only
     allowed tokens when the potential has ``allowed`` (exact; no effect otherwise). ``eos_ids``:
     the tokens that end a sequence, any of them (default the model's; the first is the forced one;
-    see `decoding.resolve_eos`).
+    see `decoding.resolve_eos`). ``distinct_rows``: run the model on one row per distinct
+    unfinished sequence (`targets.lm.distinct`; same results, less work when resampling or
+    lookahead leaves copies).
     """
     T = static_int("max_new_tokens", max_new_tokens, 1)
     B = static_int("block_size", block_size, 1)
@@ -164,6 +166,7 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     eos = decoding.resolve_eos(lm, eos_ids, forced_eos)
     check_potential(potential, T)
     masked = static_bool("mask_proposal", mask_proposal) and potential.allowed is not None
+    distinct = static_bool("distinct_rows", distinct_rows)
     if masked:
         check_allowed(potential, T, lm.vocab_size)
     rejection = potential.accepts is not None
@@ -229,10 +232,13 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
         drawn = decoding.per_group(draw, key, groups, logq_all, s.tokens, s.body_length, final,
                                    ends_ok, live)
         found = drawn.tokens != NO_TOKEN
-        # a row with no accepted token ends on the fill token, its weight -inf (some = False)
+        # a row with no accepted token ends on the fill token, its weight -inf (some = False):
+        # its W = 0 makes log q - log W = +inf, never log q(fill) - log W, which is NaN when
+        # the fill token is masked out (-inf - -inf); an undefined q (NaN W) stays NaN
         tokens = jnp.where(found, drawn.tokens, max(eos[0], 0)).astype(jnp.int32)
         logq = jnp.take_along_axis(logq_all, tokens[:, None], axis=-1)[:, 0]
-        return tokens, logq - drawn.log_weight, found
+        dead = ~found & ~jnp.isnan(drawn.log_weight)
+        return tokens, jnp.where(dead, jnp.inf, logq - drawn.log_weight), found
 
     def complete_of_done(s: SequenceState) -> Array:
         """complete for the ended rows (SKIP_LENGTH for the others: a host potential, e.g. code
@@ -249,7 +255,7 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
         n = s.length.shape[0]
         copies = jax.tree_util.tree_map(lambda x: jnp.repeat(x, K, axis=0), s)
         ends = decoding.rollout(key, lm, params, prefilled, copies, lambda c: c.logprobs, eos,
-                                groups=groups)
+                                groups=groups, distinct_rows=distinct)
         log_phi = complete_fn(ends.tokens, ends.body_length).reshape(n, K)
         log_psi_hat = logsumexp(log_phi, axis=1) - jnp.log(K)
         return jnp.logaddexp(jnp.log1p(-LOOKAHEAD_FLOOR) + log_psi_hat,
@@ -275,7 +281,8 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
             tokens, logq, _ = decoding.draw_token(key_token, s, logq_all, eos, forced_eos,
                                                   groups=groups)
         lp_token = decoding.token_logprob(s, tokens)
-        new = decoding.append(lm, params, prefilled, s, tokens, logq, eos)
+        new = decoding.append(lm, params, prefilled, s, tokens, logq, eos,
+                              distinct_rows=distinct)
         old = s.log_potential
         if K:
             estimate = twist(key_twist, new) if block_end else old
@@ -310,7 +317,8 @@ def twisted_components(lm, params, prompt, potential: Potential, *, max_new_toke
     def regenerate(key, tokens, cut, limit) -> SequenceState:
         """Teacher-force tokens[:, :cut], then sample from q until EOS or ``limit`` tokens."""
         s = decoding.rollout(key, lm, params, prefilled, start(tokens.shape[0]), proposal, eos,
-                             limit=limit, teacher=tokens, cut=cut, groups=groups)
+                             limit=limit, teacher=tokens, cut=cut, groups=groups,
+                             distinct_rows=distinct)
         return s._replace(log_potential=potential_of(s))
 
     def from_tokens(tokens, length, limit) -> SequenceState:
