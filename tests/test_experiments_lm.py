@@ -24,6 +24,24 @@ def test_prompt_set_is_well_formed():
     assert len(E.load_prompts(limit=3)) == 3
 
 
+def test_prompts_of_a_model_without_a_chat_template():
+    """A base model (the shipped Gemma 3 270M has no chat template) is asked in plain text."""
+    class Plain:
+        chat_template, bos_id = None, 2
+
+        def encode(self, text, add_bos=None):
+            return [self.bos_id] * bool(add_bos) + [ord(c) for c in text]
+
+    class Chat(Plain):
+        chat_template = "{{ messages }}"
+
+        def encode_chat(self, messages):
+            return [7, len(messages[0]["content"])]
+
+    assert E.prompt_ids(Plain(), "2+2?") == [2] + [ord(c) for c in "Question: 2+2?\nAnswer:"]
+    assert E.prompt_ids(Chat(), "2+2?") == [7, 4]
+
+
 @pytest.mark.parametrize("text, ok", [
     ("12", True), ("7 + 5 = 12.", True), ("The answer is 12.", True), ("12.0", True),
     ("7 + 5 = 13", False), ("The answer is 7 + 5", False), ("", False), ("1,2", True),
@@ -52,7 +70,7 @@ def test_twisted_smollm2_number_format_satisfies_the_constraint():
     """Twisted SMC's answers whose run kept a live particle satisfy the regex on the real text."""
     config = E.TwistedLMConfig(task="number_format", method="twisted", num_particles=8,
                                repeats=1, max_new_tokens=4, num_prompts=2, prompt_batch=2,
-                               keep_texts=2)
+                               keep_texts=2, scan_layers=True)
     metrics = E.run_twisted(config, jax.random.PRNGKey(0))
     assert metrics["alive"] > 0.0
     assert metrics["satisfied"] == pytest.approx(metrics["alive"])
@@ -100,7 +118,7 @@ def test_answers_smollm2_quick_plan_applies_the_checks(monkeypatch):
     assert metrics["math"]["accuracy"] == 1.0        # the "always correct" check
     assert metrics["humaneval"]["accuracy"] == 0.0   # no 2-token program passes the tests
 
-    _, _, tokenizer = A.smollm2()
+    _, _, tokenizer = A.shipped_model("smollm2-135m")
     prompts = A.load_task("math", 2)
     assert [p.answer for p in prompts] == ["12", "7"]
     checks = [A.answer_check("math", p, token_bytes_of(tokenizer)) for p in prompts]

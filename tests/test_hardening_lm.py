@@ -27,3 +27,49 @@ def test_a_missing_extra_is_named_with_its_install_command():
     with pytest.raises(ImportError, match=r"pip install 'smc-scaling\[lm\]'"):
         require("no_such_package_here", "lm", "a feature")
     assert require("json", "lm", "a feature").dumps([1]) == "[1]"
+
+
+class SlowPackage:
+    """Stands in for the gemma3 package: `assemble` writes its file in place in pieces (as the
+    real one does) and refuses an existing file with the wrong content."""
+
+    CONTENT = bytes(range(256)) * 64
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def default_output_path(self):
+        return self.folder / "model.gguf"
+
+    def assemble(self, output_path=None, overwrite=False):
+        import time
+        target = self.default_output_path() if output_path is None else output_path
+        if target.exists() and not overwrite:
+            if target.read_bytes() != self.CONTENT:
+                raise FileExistsError(f"{target} already exists with an unexpected sha256")
+            return target
+        with target.open("wb") as out:
+            for k in range(0, len(self.CONTENT), 2048):
+                out.write(self.CONTENT[k:k + 2048])
+                out.flush()
+                time.sleep(0.01)
+        return target
+
+
+def test_gemma3_assembly_is_safe_from_several_workers_and_a_broken_copy(tmp_path, monkeypatch):
+    """Both pytest-xdist workers assemble the shipped Gemma 3 at collection; the package writes in
+    place, so without the lock and the rename one of them read a half-written file (this failed a
+    fresh `make test` with FileExistsError)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import targets.lm.load as load_module
+    package = SlowPackage(tmp_path)
+    monkeypatch.setattr(load_module, "require", lambda *args: package)
+    assemble = load_module.gemma3_270m_path.__wrapped__   # past functools.cache
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: assemble(), range(4)))
+    assert all(p == package.default_output_path() for p in paths)
+    assert paths[0].read_bytes() == SlowPackage.CONTENT
+    paths[0].write_bytes(b"half a file")           # an interrupted copy is rebuilt
+    assert assemble().read_bytes() == SlowPackage.CONTENT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "model.gguf.lock"]

@@ -22,6 +22,7 @@ Power-SMC under ``jax.vmap`` over prompts (where the gather happens at every ste
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -96,12 +97,12 @@ def one_program(model, N: int, T: int, alpha: float) -> dict:
 
 def bench(num_prompts: int, N: int, T: int, alpha: float, mh_block: int, mh_steps: int,
           repeats: int, methods: list[str] | None = None, seed: int = 0,
-          together: bool = False) -> list[dict]:
+          together: bool = False, scan_layers: bool = False) -> list[dict]:
     """One row per method; a repeat runs every prompt once (one call per prompt, summed), or
     with `together` every prompt in one call."""
     base, params, tokenizer = smollm2()
     tokens, lengths = encode_prompts(tokenizer, load_prompts(PROMPTS, num_prompts))
-    model = sized_model(base, tokens.shape[1], T)
+    model = dataclasses.replace(sized_model(base, tokens.shape[1], T), scan_layers=scan_layers)
     if together:
         calls = one_program(model, N, T, alpha)
         prompts = [(jnp.asarray(tokens), jnp.asarray(lengths))]
@@ -162,11 +163,15 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help="every prompt in one call: plain sampling of prompts x N rows, "
                              "Power-SMC with one group per prompt, and Power-SMC vmapped over "
                              "prompts (no MH)")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="compile the layer loop as a scan (quicker to compile, slower to "
+                             "run: for smoke tests)")
 
 
 def run(args: argparse.Namespace) -> str:
     rows = bench(args.prompts, args.particles, args.tokens, args.alpha, args.mh_block,
-                 args.mh_steps, args.repeats, args.methods, together=args.one_program)
+                 args.mh_steps, args.repeats, args.methods, together=args.one_program,
+                 scan_layers=args.scan_layers)
     calls = ("every prompt in one call (prompts x N rows)" if args.one_program
              else "one call per prompt (N sequences)")
     caption = (
@@ -181,7 +186,7 @@ BENCHMARK = register(Benchmark(
     "power", "Power-SMC latency on SmolLM2 against plain sampling and the MH power sampler",
     add_options, run,
     quick=["--prompts", "1", "--particles", "2", "--tokens", "2", "--mh-block", "1",
-           "--mh-steps", "1", "--repeats", "1"], repeats=5))
+           "--mh-steps", "1", "--repeats", "1", "--scan-layers"], repeats=5))
 
 if __name__ == "__main__":
     sys.exit(bench_cli.main(BENCHMARK))

@@ -15,6 +15,7 @@ the step, sampling / (decode + sampling).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -31,13 +32,15 @@ COLUMNS = ("part", "rows", "V", "median ms", "range ms", "share of a step")
 TOKENS_IN = 4
 
 
-def parts(batch: int, prompt_length: int, alpha: float) -> tuple[dict, int]:
+def parts(batch: int, prompt_length: int, alpha: float, scan_layers: bool = False
+          ) -> tuple[dict, int]:
     """name -> a call(key) of one jitted part of a step, and the vocabulary size."""
     from proposals.tokens import filtered_logprobs
     from targets.lm import decoding
 
     base, params, _ = smollm2()
-    model = sized_model(base, prompt_length, 2 * TOKENS_IN)
+    model = dataclasses.replace(sized_model(base, prompt_length, 2 * TOKENS_IN),
+                                scan_layers=scan_layers)
     eos = (-1,)
     prompt = jax.random.randint(jax.random.key(0), (1, prompt_length), 0, model.vocab_size)
     prefilled = decoding.prefill(model, params, prompt, jnp.array([prompt_length], jnp.int32))
@@ -70,8 +73,8 @@ def parts(batch: int, prompt_length: int, alpha: float) -> tuple[dict, int]:
 
 
 def bench(batch: int, prompt_length: int, alpha: float, calls_per_repeat: int,
-          repeats: int) -> list[dict]:
-    calls, vocab_size = parts(batch, prompt_length, alpha)
+          repeats: int, scan_layers: bool = False) -> list[dict]:
+    calls, vocab_size = parts(batch, prompt_length, alpha, scan_layers)
     key = jax.random.key(1)
     for call in calls.values():               # compile and warm up
         jax.block_until_ready(call(key))
@@ -111,10 +114,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=4.0)
     parser.add_argument("--calls", type=int, default=12, help="calls per part and repeat")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="compile the layer loop as a scan (quicker to compile, slower to "
+                             "run: for smoke tests)")
 
 
 def run(args: argparse.Namespace) -> str:
-    rows = bench(args.batch, args.prompt, args.alpha, args.calls, args.repeats)
+    rows = bench(args.batch, args.prompt, args.alpha, args.calls, args.repeats,
+                 args.scan_layers)
     caption = (f"Sampling share of a Power-SMC step, SmolLM2-135M-Instruct fp32, alpha = "
                f"{args.alpha}: median over {args.repeats} repeats of the median of {args.calls} "
                f"calls; share = sampling / (decode + sampling) ({jax.devices()[0].platform}).\n\n")
@@ -123,7 +130,8 @@ def run(args: argparse.Namespace) -> str:
 
 BENCHMARK = register(Benchmark(
     "sampling", "share of a Power-SMC step spent sampling the next token (SmolLM2)",
-    add_options, run, quick=["--batch", "2", "--prompt", "8", "--calls", "1", "--repeats", "1"],
+    add_options, run, quick=["--batch", "2", "--prompt", "8", "--calls", "1", "--repeats", "1",
+                               "--scan-layers"],
     repeats=8))
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Checked answers on SmolLM2-135M-Instruct: `answers_smollm2` (issue 15, item 4).
+"""Checked answers on the shipped models: `answers_smollm2` (issue 15, item 4).
+
+``model``: SmolLM2-135M-Instruct (the default, and the experiment's name) or Gemma 3 270M
+(``gemma3-270m``, an instruction-tuned model with its own chat template; the `gemma3` extra).
 
 Four ways to spend one token budget per answer (N sequences of at most T tokens), each answer
 checked by the exact check of its task (`targets.lm.potentials.answers`):
@@ -46,12 +49,13 @@ from experiments.harness.config import param
 from experiments.harness.registry import Experiment, Plan, register
 from experiments.suites.lm import (
     PROMPTS,
+    SHIPPED_MODELS,
     Prompt,
     decode_rows,
     encode_prompts,
     load_prompts,
+    shipped_model,
     sized_model,
-    smollm2,
 )
 
 TASKS = ("math", "humaneval")
@@ -73,6 +77,8 @@ class AnswersConfig:
     keep_texts: int = param(0, "keep the answers of the first k prompts in the metrics", low=0)
     scan_layers: bool = param(False, "compile the layer loop as a scan: quicker to compile, "
                               "slower to run (short runs, tests)")
+    model: str = param("smollm2-135m", "the shipped model: smollm2-135m | gemma3-270m (the "
+                       "gemma3 extra)", choices=SHIPPED_MODELS)
 
     def check(self) -> None:
         available = len(load_task(self.task, None))
@@ -201,7 +207,7 @@ def program_config(config: AnswersConfig) -> AnswersConfig:
 def setup(config: AnswersConfig) -> Setup:
     """The prompts, their encoding and the jitted program of a `program_config`."""
     from targets.lm.potentials import token_bytes_of
-    base, _, tokenizer = smollm2()
+    base, _, tokenizer = shipped_model(config.model)
     prompts = load_task(config.task, config.num_prompts)
     token_bytes = token_bytes_of(tokenizer)
     checks = [answer_check(config.task, p, token_bytes) for p in prompts]
@@ -214,7 +220,7 @@ def setup(config: AnswersConfig) -> Setup:
 
 def run_answers(config: AnswersConfig, key: jax.Array, mesh=None) -> dict:
     del mesh   # one prompt's particles stay on one device
-    _, params, _ = smollm2()
+    _, params, _ = shipped_model(config.model)
     prompts, tokens, lengths, program, tokenizer = setup(program_config(config))
     checked = jnp.int32(1 if config.method == "plain" else config.num_particles)
     answers = []
@@ -253,8 +259,9 @@ QUICK = Plan(grid={"task": list(TASKS), "method": ["twisted"]}, seeds=(0,),
 
 register(Experiment(
     name="answers_smollm2",
-    description="checked answers (math-verify, HumanEval tests) on SmolLM2-135M at equal token "
-                "budgets: plain, best-of-N (oracle), twisted SMC with the check, Power-SMC",
+    description="checked answers (math-verify, HumanEval tests) on SmolLM2-135M (or Gemma 3 "
+                "270M: model=gemma3-270m) at equal token budgets: plain, best-of-N (oracle), "
+                "twisted SMC with the check, Power-SMC",
     config_type=AnswersConfig,
     run=run_answers,
     summary_metrics=COLUMNS,

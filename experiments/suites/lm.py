@@ -91,20 +91,37 @@ def check_answer(text: str, prompt: Prompt) -> bool:
 
 
 # ----------------------------------------------------------------------------- model
-@functools.lru_cache(maxsize=1)
-def smollm2():
-    """(model, params, tokenizer) of SmolLM2-135M-Instruct, loaded once per process.
+SHIPPED_MODELS = ("smollm2-135m", "gemma3-270m")
+
+
+@functools.lru_cache(maxsize=2)
+def shipped_model(name: str):
+    """(model, params, tokenizer) of a model shipped as a package (`targets.lm.load.SHIPPED`),
+    loaded once per process.
 
     The file is parsed once for both (`gguf_loader.open_gguf` keeps the reader of a file, and
     `Tokenizer.from_gguf` reuses it). ``model.max_len`` is a placeholder: see `sized_model`.
     """
     from targets.lm.load import load
-    return load(max_len=64)
+    return load(name, max_len=64)
+
+
+def smollm2():
+    """(model, params, tokenizer) of SmolLM2-135M-Instruct (`shipped_model`)."""
+    return shipped_model("smollm2-135m")
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A user message in the model's chat template; a model without one (a base model, such as
+    the shipped Gemma 3 270M) gets ``Question: ...\nAnswer:`` after its BOS."""
+    if tokenizer.chat_template:
+        return tokenizer.encode_chat([{"role": "user", "content": text}])
+    return tokenizer.encode(f"Question: {text}\nAnswer:", add_bos=tokenizer.bos_id is not None)
 
 
 def encode_prompts(tokenizer, prompts: list[Prompt]) -> tuple[np.ndarray, np.ndarray]:
-    """Chat-formatted prompts, right-padded: (tokens [B, W] int32, lengths [B] int32)."""
-    ids = [tokenizer.encode_chat([{"role": "user", "content": p.prompt}]) for p in prompts]
+    """Prompts as `prompt_ids`, right-padded: (tokens [B, W] int32, lengths [B] int32)."""
+    ids = [prompt_ids(tokenizer, p.prompt) for p in prompts]
     width = max(len(i) for i in ids)
     pad = tokenizer.eos_id
     tokens = np.array([i + [pad] * (width - len(i)) for i in ids], np.int32)
@@ -162,6 +179,8 @@ class PowerLMConfig:
     mh_block: int = param(8, "MH power sampler: block size B", low=1)
     mh_steps: int = param(2, "MH power sampler: MH steps after each block", low=0)
     keep_texts: int = param(0, "keep the texts of the first k prompts in the metrics", low=0)
+    scan_layers: bool = param(False, "compile the layer loop as a scan: quicker to compile, "
+                              "slower to run (short runs, tests)")
 
 
 class Answers(NamedTuple):
@@ -181,7 +200,8 @@ def _power_program(config: PowerLMConfig, width: int):
     from targets.lm.power import power_smc
 
     base, _, _ = smollm2()
-    model = sized_model(base, width, config.max_new_tokens)
+    model = dataclasses.replace(sized_model(base, width, config.max_new_tokens),
+                                scan_layers=config.scan_layers)
     N, T = config.num_particles, config.max_new_tokens
 
     def sampled(key, params, prompts, lengths, temperature):
@@ -274,6 +294,8 @@ class TwistedLMConfig:
     num_prompts: int = param(8, "the first prompts of the task's prompt file", low=1)
     prompt_batch: int = param(4, "prompts run together (vmap)", low=1)
     keep_texts: int = param(0, "keep the texts of the first k prompts in the metrics", low=0)
+    scan_layers: bool = param(False, "compile the layer loop as a scan: quicker to compile, "
+                              "slower to run (short runs, tests)")
 
 
 def _task(config: TwistedLMConfig, tokenizer):
@@ -299,7 +321,8 @@ def _twisted_setup(config: TwistedLMConfig):
     base, _, tokenizer = smollm2()
     prompts, potential, reward, satisfied = _task(config, tokenizer)
     tokens, lengths = encode_prompts(tokenizer, prompts)
-    model = sized_model(base, tokens.shape[1], config.max_new_tokens)
+    model = dataclasses.replace(sized_model(base, tokens.shape[1], config.max_new_tokens),
+                                scan_layers=config.scan_layers)
     N, S, T = config.num_particles, config.repeats, config.max_new_tokens
 
     def twisted(key, params, prompts, lengths):
@@ -382,7 +405,7 @@ register(Experiment(
                              "max_new_tokens": 16}),
         quick=Plan(grid={"method": ["power_smc"]}, seeds=(0,),
                    overrides={"num_prompts": 2, "prompt_batch": 2, "num_particles": 2,
-                              "max_new_tokens": 3}),
+                              "max_new_tokens": 3, "scan_layers": True}),
         columns=("accuracy", "logp_per_token", "tokens_generated", "lm_evals"),
         x="method", plot_metrics=("accuracy",)),
 ))

