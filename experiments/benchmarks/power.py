@@ -22,7 +22,6 @@ Power-SMC under ``jax.vmap`` over prompts (where the gather happens at every ste
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -102,7 +101,7 @@ def bench(num_prompts: int, N: int, T: int, alpha: float, mh_block: int, mh_step
     with `together` every prompt in one call."""
     base, params, tokenizer = smollm2()
     tokens, lengths = encode_prompts(tokenizer, load_prompts(PROMPTS, num_prompts))
-    model = dataclasses.replace(sized_model(base, tokens.shape[1], T), scan_layers=scan_layers)
+    model = sized_model(base, tokens.shape[1], T, scan_layers)
     if together:
         calls = one_program(model, N, T, alpha)
         prompts = [(jnp.asarray(tokens), jnp.asarray(lengths))]

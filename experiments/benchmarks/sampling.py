@@ -15,7 +15,6 @@ the step, sampling / (decode + sampling).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -39,8 +38,7 @@ def parts(batch: int, prompt_length: int, alpha: float, scan_layers: bool = Fals
     from targets.lm import decoding
 
     base, params, _ = smollm2()
-    model = dataclasses.replace(sized_model(base, prompt_length, 2 * TOKENS_IN),
-                                scan_layers=scan_layers)
+    model = sized_model(base, prompt_length, 2 * TOKENS_IN, scan_layers)
     eos = (-1,)
     prompt = jax.random.randint(jax.random.key(0), (1, prompt_length), 0, model.vocab_size)
     prefilled = decoding.prefill(model, params, prompt, jnp.array([prompt_length], jnp.int32))

@@ -1,7 +1,8 @@
 """Checked answers on the shipped models: `answers_smollm2` (issue 15, item 4).
 
 ``model``: SmolLM2-135M-Instruct (the default, and the experiment's name) or Gemma 3 270M
-(``gemma3-270m``, an instruction-tuned model with its own chat template; the `gemma3` extra).
+(``gemma3-270m``, the `gemma3` extra: a base model without a chat template, asked in plain text,
+`experiments.suites.lm.prompt_ids`).
 
 Four ways to spend one token budget per answer (N sequences of at most T tokens), each answer
 checked by the exact check of its task (`targets.lm.potentials.answers`):
@@ -212,8 +213,7 @@ def setup(config: AnswersConfig) -> Setup:
     token_bytes = token_bytes_of(tokenizer)
     checks = [answer_check(config.task, p, token_bytes) for p in prompts]
     tokens, lengths = encode_prompts(tokenizer, prompts)
-    model = dataclasses.replace(sized_model(base, tokens.shape[1], config.max_new_tokens),
-                                scan_layers=config.scan_layers)
+    model = sized_model(base, tokens.shape[1], config.max_new_tokens, config.scan_layers)
     build = _sampling_program if config.method == "best_of_n" else _smc_program
     return Setup(prompts, tokens, lengths, timing.jit(build(config, model, checks)), tokenizer)
 

@@ -128,9 +128,10 @@ def encode_prompts(tokenizer, prompts: list[Prompt]) -> tuple[np.ndarray, np.nda
     return tokens, np.array([len(i) for i in ids], np.int32)
 
 
-def sized_model(model, width: int, max_new_tokens: int):
-    """The model with a KV cache just long enough (decode attends over the whole cache)."""
-    return dataclasses.replace(model, max_len=width + max_new_tokens)
+def sized_model(model, width: int, max_new_tokens: int, scan_layers: bool = False):
+    """The model with a KV cache just long enough (decode attends over the whole cache), its
+    layer loop a scan with `scan_layers` (quicker to compile, slower to run)."""
+    return dataclasses.replace(model, max_len=width + max_new_tokens, scan_layers=scan_layers)
 
 
 def batches(prompts: list, size: int):
@@ -200,8 +201,7 @@ def _power_program(config: PowerLMConfig, width: int):
     from targets.lm.power import power_smc
 
     base, _, _ = smollm2()
-    model = dataclasses.replace(sized_model(base, width, config.max_new_tokens),
-                                scan_layers=config.scan_layers)
+    model = sized_model(base, width, config.max_new_tokens, config.scan_layers)
     N, T = config.num_particles, config.max_new_tokens
 
     def sampled(key, params, prompts, lengths, temperature):
@@ -321,8 +321,7 @@ def _twisted_setup(config: TwistedLMConfig):
     base, _, tokenizer = smollm2()
     prompts, potential, reward, satisfied = _task(config, tokenizer)
     tokens, lengths = encode_prompts(tokenizer, prompts)
-    model = dataclasses.replace(sized_model(base, tokens.shape[1], config.max_new_tokens),
-                                scan_layers=config.scan_layers)
+    model = sized_model(base, tokens.shape[1], config.max_new_tokens, config.scan_layers)
     N, S, T = config.num_particles, config.repeats, config.max_new_tokens
 
     def twisted(key, params, prompts, lengths):
