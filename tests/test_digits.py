@@ -364,8 +364,9 @@ def test_digits_reward_at_tiny_size_spends_equal_budgets(experiment):
 
 def test_digits_reward_flow_network_with_neighbours_at_tiny_size(experiment):
     """network=flow: every method on the linear interpolant, its grid inside (0, 1); neighbours:
-    DTS, DTS* and RBF spend at most the SMC budget and score finite metrics."""
-    config = experiment.RewardConfig(**TINY_REWARD, network="flow", neighbours=True)
+    DTS, DTS* and RBF, and DriftLite, spend at most the SMC budget and score finite metrics."""
+    config = experiment.RewardConfig(**TINY_REWARD, network="flow", neighbours=True,
+                                     driftlite=True)
     _, schedule, times = experiment._network(config)
     assert isinstance(schedule, sde.LinearInterpolant) and len(times) == 5
     assert 0.0 < times[-1] < times[0] < 1.0
@@ -373,7 +374,10 @@ def test_digits_reward_flow_network_with_neighbours_at_tiny_size(experiment):
     assert out["budget"] == out["smc_evaluations"] == 64
     # DTS: 16 samples (best-of-N's 16 base samples); RBF: 16 // best_of = 8 particles.
     assert out["dts_outputs"] == 16 and out["dts_star_outputs"] == 1 and out["rbf_outputs"] == 8
-    for method in ("smc", "psi", "guidance", "best_of_n", "dts", "dts_star", "rbf"):
+    # DriftLite: 6 passes per step and particle (two gradients, one tangent): 64 // 24 = 2.
+    assert out["driftlite_particles"] == 2 and out["driftlite_evaluations"] == 48
+    assert np.isfinite(out["driftlite_log_evidence"]) and np.isfinite(out["smc_log_evidence"])
+    for method in ("smc", "psi", "guidance", "best_of_n", "dts", "dts_star", "rbf", "driftlite"):
         assert 0 < out[f"{method}_evaluations"] <= out["budget"], method
         assert not out[f"{method}_degenerate"], method
         assert np.isfinite(out[f"{method}_reward"]) and 0 <= out[f"{method}_accuracy"] <= 1
@@ -384,6 +388,9 @@ def test_digits_reward_flow_network_with_neighbours_at_tiny_size(experiment):
     with pytest.raises(experiment.ConfigError, match="RBF"):
         experiment._reward_program(experiment.RewardConfig(**{**TINY_REWARD, "best_of": 1},
                                                            neighbours=True), None)
+    with pytest.raises(experiment.ConfigError, match="driftlite"):
+        experiment._reward_program(experiment.RewardConfig(**TINY_REWARD, driftlite=True,
+                                                           exponents="adaptive"), None)
 
 
 def test_digits_fkc_at_tiny_size(experiment, tmp_path):

@@ -301,6 +301,8 @@ def test_bad_inputs_raise_clear_errors():
         build(kernel="heun")
     with pytest.raises(ValueError, match="guidance"):
         build(guidance=-1.0)
+    with pytest.raises(TypeError, match="guidance.direction"):
+        build(guidance=rw.Guidance(direction=3.0))
     with pytest.raises(ValueError, match="resample_every"):
         build(resample_every=0)
     with pytest.raises(ValueError, match="dim"):

@@ -17,8 +17,10 @@ mixture score (VP, `sde.time_grid(num_steps)`) by one of these methods:
   product of experts, no reward evaluations at all.
 - driftlite_vcg / driftlite_ecg: DriftLite (targets/diffusion/driftlite.py) on the twist of
   reward_smc (`exponents`), its control drift in the span of the reward-guidance direction
-  chosen each step by the variance- or energy-controlling rule, exact divergences (d = 2). Each
-  step also takes a gradient and d + 1 tangents of it (counted in score_vjps).
+  chosen each step by the variance- or energy-controlling rule, exact divergences (d = 2), with
+  `weights` "transition" (the proposal ratio, exact on the grid) or "rate" (Fokker-Planck). Each
+  step also takes a gradient and d + 1 tangents of it, and with transition weights a second
+  forward pass and gradient (counted in score_evals and score_vjps).
 - dts / dts_star: Diffusion Tree Sampling and Search (targets/diffusion/dts.py) with the budget
   N x num_steps score evaluations and `branching`; dts draws num_particles samples from its tree,
   dts_star answers with its one best terminal state.
@@ -78,6 +80,8 @@ class DASConfig:
     best_of: int = param(8, "best_of_n: group size (outputs = num_particles / best_of); rbf: "
                               "num_particles / best_of particles", low=1)
     branching: int = param(4, "dts, dts_star: most children per tree node", low=1)
+    weights: str = param("transition", "driftlite_*: the proposal ratio of the discretised chain "
+                         "or the Fokker-Planck rate", choices=driftlite.WEIGHTS)
     ess_threshold: float = param(0.5, "resample when ESS < threshold * N", low=0.0, high=1.0)
 
     def check(self) -> None:
@@ -103,7 +107,8 @@ def _model(config: DASConfig, toy: das.TiltedToy, times) -> smc.FeynmanKac:
                                  guidance=config.guidance, **common)
     if config.method.startswith("driftlite"):
         return driftlite.reward(score, toy.reward, exponents=config.exponents,
-                                control=config.method.split("_")[1], **common)
+                                control=config.method.split("_")[1], weights=config.weights,
+                                **common)
     if config.method == "fkc_product":
         return fkc.product([score, gmm.noised_score(reward_expert(toy), VP)], schedule=VP,
                            times=times, dim=2)
@@ -166,7 +171,8 @@ def _cost(config: DASConfig, times) -> tuple[int, int]:
     particles."""
     n, forward = config.num_particles, reward.score_evaluations(times)
     if config.method.startswith("driftlite"):
-        cost = driftlite.reward_cost(times, dim=2, exponents=config.exponents)
+        cost = driftlite.reward_cost(times, dim=2, exponents=config.exponents,
+                                     weights=config.weights)
         return n * cost.forward, n * (cost.gradient + cost.tangents)
     guided = config.method in ("reward_smc", "psi") and config.guidance > 0
     guided = guided or config.method == "guidance_uncorrected"

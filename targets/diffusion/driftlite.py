@@ -34,10 +34,16 @@ Base cases (u, G0, grad log pi):
   grad log pi = sum_k beta_k s_k; default basis phi_k = g^2 s_k (potentials g^2 log q_k, given
   as `log_densities`, for "ecg").
 
-Euler in time, left point: x_{k+1} = x_k + (u + b) dtau + g sqrt(dtau) xi and
-dlogw = dtau (G0 + theta . A phi)(x_k), as FKC: exact as dtau -> 0, O(dtau) bias on a grid. Both
-cases assume that s is the score of the marginal (G0 and A_pi use s = grad log p_t): with a
-learned score they are exact for the score's own marginals only in the limit where s is exact.
+Euler in time, left point: x_{k+1} = x_k + (u + b) dtau + g sqrt(dtau) xi. Two weights:
+- "rate" (`weights="rate"`; `correctors` always): dlogw = dtau (G0 + theta . A phi)(x_k), as
+  FKC: exact as dtau -> 0, O(dtau) bias on a grid. It assumes that s is the score of the marginal
+  (G0 and A_pi use s = grad log p_t): with a learned score it is exact for the score's own
+  marginals only in the limit where s is exact.
+- "transition" (`reward`'s default): the drift b is a guidance shift of reward.reward_smc's
+  proposal and the weight is its exact ratio, log p(x'|x) - log q_b(x'|x) + h(x', t_{k+1}) -
+  h(x, t_k): the target is the discretised chain's tilt p_theta(x_T) exp(r(x_T) / alpha) on any
+  grid, with any score, for any b chosen before the move. theta comes from the same rules
+  (the rate's values at x_k only choose it).
 
 Divergences (Lap h, div phi) are Jacobian traces: "exact" by forward mode (d tangents, for small
 d) or "hutchinson" with `probes` Rademacher vectors per step. Hutchinson makes the increment's
@@ -45,16 +51,19 @@ rate unbiased, not the weight: E exp(dtau (G + noise)) = exp(dtau G) (1 + dtau^2
 an x-dependent bias of O(dtau^2) per step, O(dtau) over a run (Euler's own order), larger where
 the probes are noisier. The noisy values also enter the choice of theta.
 
-Cost (`reward_cost`, `correctors_cost`, per particle): `reward`: T steps, each one forward
-score evaluation at (x_k, t_k) with one vector-Jacobian product (grad of r(x0_hat(x))) and
-forward-mode tangents of that gradient (each about a forward and a backward pass): d + 1
-("exact": d for Lap h, one for d_tau h) or `probes` ("hutchinson": each probe's tangent also
-moves t, which gives d_tau h exactly); plus one plain forward evaluation at t_T (terminal
-potential) and one at t_0 when lambda_0 > 0 (initial weight). `correctors`: T forward
-evaluations per expert, each with d ("exact") or `probes` tangents. A user basis adds its own.
+Cost (`reward_cost`, `correctors_cost`, per particle): `reward` with rate weights: T steps, each
+one forward score evaluation at (x_k, t_k) with one vector-Jacobian product (grad of r(x0_hat(x)))
+and forward-mode tangents of that gradient (each about a forward and a backward pass): d + 1
+("exact": d for Lap h, one for d_tau h) or `probes` ("hutchinson": each probe's tangent also moves
+t, which gives d_tau h exactly); plus one plain forward evaluation at t_T (terminal potential) and
+one at t_0 when lambda_0 > 0 (initial weight). `correctors`: T forward evaluations per expert, each
+with d ("exact") or `probes` tangents. A user basis adds its own. With transition weights,
+reward_smc's own guided pass (a forward evaluation and its gradient at each of t_0 .. t_{T-1})
+comes on top of the rate's evaluation that chooses theta (none for a fixed theta).
 
-Particles (`DriftParticles`) are x and the last theta: every value a step needs is computed from
-x_k at its start, so nothing cached can go stale through resampling. Non-finite values: a
+Particles (`DriftParticles`, rate weights) are x and the last theta: every value a step needs is
+computed from x_k at its start, so nothing cached can go stale through resampling (with
+transition weights they are reward_smc's `RewardParticles`). Non-finite values: a
 particle whose score, reward, derivatives or new position is not finite gets a NaN increment,
 which the engine counts in `SMCResult.nonfinite_increments`; such particles are left out of the
 choice of theta.
@@ -80,6 +89,7 @@ LogDensityFn = Callable[[Array, Array], Array]
 
 CONTROLS = ("vcg", "ecg")
 DIVERGENCES = ("exact", "hutchinson")
+WEIGHTS = ("transition", "rate")
 
 
 class DriftParticles(NamedTuple):
@@ -168,6 +178,19 @@ def ecg_coefficients(rate: Array, basis: Array, potential: Array, weights: Array
     return ridge_solve(gram, rhs, ridge)
 
 
+def coefficients(control: str, local: Local, ok: Array, log_weights: Array,
+                 ridge: float = 1e-6) -> Array:
+    """theta [K] by `control` ("vcg" or "ecg") from the weighted cloud: the engine's
+    log_weights [N] over the rows that are `ok` [N] and not NaN (the others are left out)."""
+    ok = ok & ~jnp.isnan(log_weights)
+    w = smc.weights.normalize(jnp.where(ok, log_weights, -jnp.inf))
+    clean = lambda a: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0)
+    if control == "vcg":
+        return vcg_coefficients(clean(local.rate), clean(local.basis_rate), w, ridge)
+    return ecg_coefficients(clean(local.rate), clean(local.basis), clean(local.potential), w,
+                            ridge)
+
+
 def trace_estimate(tangents: Array, jvps: Array, scale: float) -> Array:
     """sum_p v_p . (J v_p) / scale, [N, ...]: the trace of J from one-hot tangents (scale 1) or
     Rademacher probes (scale = number of probes). tangents [P, N, d]; jvps [P, N, ..., d]."""
@@ -180,7 +203,7 @@ def trace_estimate(tangents: Array, jvps: Array, scale: float) -> Array:
 
 def reward(score: sde.ScoreFn, reward: reward_lib.RewardFn, *, alpha: float,
            schedule: sde.Schedule, times, dim: int, exponents="das", gamma: float = 0.008,
-           control="vcg", basis: BasisFn | None = None,
+           control="vcg", weights: str = "transition", basis: BasisFn | None = None,
            basis_potentials: BasisFn | None = None, ridge: float = 1e-6,
            divergence: str = "exact", probes: int = 1) -> smc.FeynmanKac:
     """DriftLite for p(x0) exp(r(x0) / alpha) over particles [N, dim] (module doc).
@@ -188,7 +211,9 @@ def reward(score: sde.ScoreFn, reward: reward_lib.RewardFn, *, alpha: float,
     score(x [N, d], t) -> [N, d]; reward(x0 [N, d]) -> [N]; alpha > 0; schedule and times as
     reward.reward_smc (Euler-Maruyama only: the control is a drift). exponents: "das" (with
     gamma), "constant" or an array [T + 1] rising to 1 (lambda_k of h). control: "vcg", "ecg" or
-    theta [K]. basis(x, t) -> [N, K, d]: fields replacing the default g^2 grad h (their
+    theta [K]. weights: "transition" (the proposal ratio of the discretised chain: exact on any
+    grid and with any score, reward.reward_smc with this control as its guidance rule) or "rate"
+    (the Fokker-Planck rate: exact as dtau -> 0 with an exact score). basis(x, t) -> [N, K, d]: fields replacing the default g^2 grad h (their
     divergence by the same rule as Lap h); basis_potentials(x, t) -> [N, K]: scalars whose
     gradients they are (needed for "ecg" with a user basis). divergence: "exact" or
     "hutchinson" (with `probes`).
@@ -204,6 +229,7 @@ def reward(score: sde.ScoreFn, reward: reward_lib.RewardFn, *, alpha: float,
     num_basis = _check_basis(basis, basis_potentials, dim, default=1)
     fixed = _check_control(control, num_basis, has_potentials=basis is None
                            or basis_potentials is not None)
+    weights = _check_weights(weights)
 
     ts = jnp.asarray(times, jnp.float32)
     dtaus = jnp.asarray(times[:-1] - times[1:], jnp.float32)
@@ -248,6 +274,26 @@ def reward(score: sde.ScoreFn, reward: reward_lib.RewardFn, *, alpha: float,
         """h(x, t_k) = lambda_k r(x0_hat(x, t_k)) / alpha: one forward evaluation."""
         t = ts[k]
         return lambdas_j[k] * reward(sde.x0_hat(schedule, x, t, score(x, t))) / alpha
+
+    if weights == "transition":
+        def direction(key: Array, p: reward_lib.RewardParticles, k: Array,
+                      log_weights: Array | None) -> Array:
+            """(sum_k theta_k phi_k)(x_k) / g^2: reward_smc moves the proposal mean by (step
+            variance) times this, dtau * b for Euler-Maruyama. theta by the same rules as with
+            rate weights, from the cloud at t_k."""
+            t, g2 = ts[k], sde.g2(schedule, ts[k])
+            if fixed is not None:
+                fields = ((g2 * p.exponent / alpha)[:, None] * p.reward_grad)[:, None] \
+                    if basis is None else basis(p.x, t)
+                return jnp.einsum("k,nkd->nd", fixed, fields) / g2
+            local = evaluate(key, p.x, k)
+            theta = coefficients(control, local, _finite(*local), log_weights, ridge)
+            return jnp.einsum("k,nkd->nd", jax.lax.stop_gradient(theta), local.basis) / g2
+
+        return reward_lib.reward_smc(
+            score, reward, alpha=alpha, schedule=schedule, times=times, dim=dim,
+            exponents=exponents, gamma=gamma,
+            guidance=reward_lib.Guidance(direction, weighted=fixed is None))
 
     init_std = float(np.sqrt(schedule.sigma2(times[0])))
     no_weight = lambda x: jnp.zeros(x.shape[0], x.dtype)
@@ -340,13 +386,20 @@ def correctors(scores: Sequence[sde.ScoreFn], betas: Sequence[float], *, schedul
 
 
 def reward_cost(times, *, dim: int, divergence: str = "exact", probes: int = 1,
-                exponents="das", gamma: float = 0.008) -> Cost:
-    """`Cost` per particle of `reward` on this grid (module doc): T + 1 forward evaluations (T + 2
-    when lambda_0 > 0), T gradients, T (d + 1) or T probes tangents of the gradient."""
+                exponents="das", gamma: float = 0.008, weights: str = "transition",
+                control="vcg") -> Cost:
+    """`Cost` per particle of `reward` on this grid (module doc). "rate": T + 1 forward
+    evaluations (T + 2 when lambda_0 > 0), T gradients, T (d + 1) or T probes tangents of the
+    gradient. "transition": T forward evaluations with their T gradients (reward_smc's guided
+    cost) and, for "vcg" and "ecg", the rate's evaluation at each step on top (T forward, T
+    gradients, its tangents); a fixed theta needs nothing more."""
     steps = len(sde.check_time_grid(times)) - 1
     divergence, probes = _check_divergence(divergence, probes)
     tangents = static_int("dim", dim, 1) + 1 if divergence == "exact" else probes
     initial = int(reward_lib.check_exponents(exponents, gamma, steps)[0] > 0)
+    if _check_weights(weights) == "transition":
+        rate = isinstance(control, str)            # "vcg" and "ecg" read the rate's values
+        return Cost(steps * (1 + rate), steps * (1 + rate), steps * tangents * rate)
     return Cost(steps + 1 + initial, steps, steps * tangents)
 
 
@@ -381,22 +434,13 @@ def _controlled(*, init_x, init_log_weight, evaluate, terminal, schedule, times,
         theta = jnp.zeros((num_particles, num_basis), x.dtype)
         return DriftParticles(x, theta), jnp.where(_finite(x, log_weights), log_weights, jnp.nan)
 
-    def choose(local: Local, ok: Array, log_weights: Array | None) -> Array:
-        if fixed is not None:
-            return fixed
-        ok = ok & ~jnp.isnan(log_weights)
-        w = smc.weights.normalize(jnp.where(ok, log_weights, -jnp.inf))
-        clean = lambda a: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0)
-        if control == "vcg":
-            return vcg_coefficients(clean(local.rate), clean(local.basis_rate), w, ridge)
-        return ecg_coefficients(clean(local.rate), clean(local.basis), clean(local.potential), w,
-                                ridge)
-
     def step(key: Array, p: DriftParticles, k: Array, log_weights: Array | None = None):
         key_move, key_probe = jax.random.split(key)
         local = evaluate(key_probe, p.x, k)
         ok = _finite(*local)
-        theta = jax.lax.stop_gradient(choose(local, ok, log_weights))
+        theta = fixed if fixed is not None else coefficients(control, local, ok, log_weights,
+                                                             ridge)
+        theta = jax.lax.stop_gradient(theta)
         t, dtau = ts[k], dtaus[k]
         drift = local.drift + jnp.einsum("k,nkd->nd", theta, local.basis)
         x_new, _ = sde_proposals.euler_maruyama(key_move, p.x, drift,
@@ -451,6 +495,12 @@ def _user_basis(basis: BasisFn, potentials: BasisFn | None, x: Array, t: Array, 
 
 # ---------------------------------------------------------------------------------------------
 # Validation
+
+
+def _check_weights(weights) -> str:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    return weights
 
 
 def _check_divergence(divergence, probes) -> tuple[str, int]:

@@ -2,7 +2,8 @@
 
 Particles walk a decreasing time grid t_0 > ... > t_T (docs/algorithms.md section 3). Step k moves
 x_k -> x_{k+1} with the base reverse kernel p_theta (Euler-Maruyama or ancestral), or with a
-proposal q whose mean is shifted by guidance * (step variance) * grad log psi_k(x_k), and weighs
+proposal q whose mean is shifted by guidance * (step variance) * grad log psi_k(x_k) (or by
+(step variance) * a `Guidance` rule's direction, chosen from the cloud at t_k), and weighs
 
     G_0     = log psi_0(x_0),
     G_{k+1} = log p_theta(x_{k+1} | x_k) - log q(x_{k+1} | x_k) + log psi_{k+1} - log psi_k,
@@ -74,6 +75,21 @@ class RewardParticles(NamedTuple):
     exponent: Array
 
 
+class Guidance(NamedTuple):
+    """A guidance rule: the proposal's shift chosen at each step from the particles.
+
+    direction(key, particles: RewardParticles, k, log_weights) -> [N, d], a direction in the
+    units of a log-density gradient: the proposal mean moves by (step variance) * direction (a
+    float `guidance` is the rule guidance * grad log psi_k). The direction may depend on anything
+    known before the move (the cloud at t_k and its weights), never on the move's own noise: the
+    weights then stay exact for every rule. weighted: the rule reads the engine's log-weights
+    (they are None otherwise).
+    """
+
+    direction: Callable[[Array, RewardParticles, Array, Array | None], Array]
+    weighted: bool = False
+
+
 def das_exponents(num_steps: int, gamma: float = 0.008) -> np.ndarray:
     """DAS's lambda_k = min((1 + gamma)^k - 1, 1), k = 0..num_steps, float64 [num_steps + 1]."""
     gamma = static_positive("gamma", gamma)
@@ -97,7 +113,8 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
     decreasing grid in the schedule's time domain (`sde.time_grid`).
     exponents: "das" (with gamma), "constant", "adaptive" (with target_ess) or an array [T + 1].
     potential: "difference", "max" or "sum" (module doc). guidance >= 0: scale of the gradient
-    shift of the proposal mean (0: the base kernel, no gradients). kernel: "euler_maruyama" or
+    shift of the proposal mean (0: the base kernel, no gradients); or a `Guidance` rule (e.g.
+    DriftLite's control with transition weights, driftlite.reward). kernel: "euler_maruyama" or
     "ancestral" (DDPM posterior step with x0_hat). resample_every = k: resampling is allowed only
     before steps 0, k, 2k, ... (run with `ess_threshold=1.0` to resample at each of them).
     initial(key, N) -> x [N, d]: a sampler of the intermediate target at t_0,
@@ -106,9 +123,13 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
     G_0 = log psi_0.
     """
     alpha = check_alpha(alpha)
-    guidance = static_finite("guidance", guidance)
-    if guidance < 0:
-        raise ValueError(f"guidance must be >= 0, got {guidance}")
+    rule = guidance if isinstance(guidance, Guidance) else None
+    if rule is None:
+        guidance = static_finite("guidance", guidance)
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+    elif not callable(rule.direction):
+        raise TypeError(f"guidance.direction must be callable, got {rule.direction!r}")
     if potential not in POTENTIALS:
         raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
     if kernel not in KERNELS:
@@ -133,7 +154,7 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
 
     ts = jnp.asarray(times, jnp.float32)
     lambdas_j = jnp.asarray(lambdas, jnp.float32)
-    use_grad = guidance > 0.0
+    use_grad = rule is not None or guidance > 0.0
     init_std = float(np.sqrt(schedule.sigma2(times[0])))
 
     def evaluate(x: Array, t: Array) -> tuple[Array, Array, Array]:
@@ -182,7 +203,12 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
         base = base_kernel(p, k)
         if use_grad:
             # The twist's gradient, whatever the potential: any shift is exact once weighed.
-            shift = guidance * base.std**2 * (p.exponent / alpha)[:, None] * p.reward_grad
+            if rule is None:
+                shift = guidance * base.std**2 * (p.exponent / alpha)[:, None] * p.reward_grad
+            else:
+                # The move keeps `key` (as without a rule); the rule draws from its own.
+                shift = base.std**2 * rule.direction(jax.random.fold_in(key, 1), p, k,
+                                                     log_weights)
             proposal = sde_proposals.Gaussian(base.mean + shift, base.std)
             x_new, log_q = sde_proposals.sample(key, proposal)
             log_ratio = sde_proposals.log_prob(base, x_new) - log_q
@@ -212,7 +238,7 @@ def reward_smc(score: sde.ScoreFn, reward: RewardFn, *, alpha: float, schedule: 
         return particles, jnp.where(finite, increments, jnp.nan)
 
     return smc.FeynmanKac(init=init, step=step, num_steps=num_steps, resample_mask=mask,
-                          weighted_step=adaptive)
+                          weighted_step=adaptive or (rule is not None and rule.weighted))
 
 
 def _terminal(x: Array, reward: RewardFn) -> tuple[Array, Array, Array]:

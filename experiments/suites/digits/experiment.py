@@ -15,6 +15,9 @@ unconditional score network, at an equal budget of score-network evaluations:
                the DTS tree): dts draws as many samples from its tree as best-of-N has base
                samples, dts_star is its single best leaf (no covariance: frechet None), rbf runs
                num_base // best_of particles; `<method>_evaluations` is what each actually spent
+  driftlite    (`driftlite=true`) DriftLite (`targets.diffusion.driftlite.reward`) with transition
+               weights, VCG on the reward-guidance direction, one Hutchinson probe: each step
+               costs 6 (two gradients, a tangent of one), so it runs a third of smc's particles
 `network=flow` runs every method with the shipped flow network as a score on
 `sde.LinearInterpolant()`, on VP's signal-to-noise grid mapped onto it (`sde.matching_time`,
 docs/algorithms.md section 10), which ends at t = 1e-3; the budget rule is unchanged. Psi runs
@@ -33,6 +36,7 @@ classifier's penultimate features to the real test digits of the label; of the l
 thickness for the product), ess, and the budget; `images_<method>` are 16 samples (drawn by the
 weights) for the PNG grids. `real_train_*`: the same metrics for the real training digits (no
 budget), the floor that the Frechet distance reaches with this many reference images.
+`smc_log_evidence`, `driftlite_log_evidence`: log Z_hat (r <= 0, so log Z <= 0).
 """
 from __future__ import annotations
 
@@ -268,6 +272,8 @@ class RewardConfig:
     neighbours: bool = param(False, "also DTS, DTS* and RBF at the same budget (slow: DTS "
                              "calls the network one particle at a time)")
     branching: int = param(4, "DTS / DTS*: most children per tree node", low=1)
+    driftlite: bool = param(False, "also DriftLite (transition weights, VCG, one Hutchinson "
+                            "probe) with as many particles as the same budget buys")
 
 
 def psi_particles(budget: int, smc_cost: int, config: RewardConfig) -> int:
@@ -348,6 +354,8 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
     n = config.num_particles
     search = (_searches(config, score, r, schedule, times, budget, num_base)
               if config.neighbours else None)
+    drift_model, num_drift, drift_budget = (_driftlite(config, score, r, common, budget)
+                                            if config.driftlite else (None, 0, 0))
 
     def program(key):
         k_smc, k_psi, k_base = jax.random.split(key, 3)
@@ -356,8 +364,15 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
             result = smc.run(k, m, size, resampling=resampler,
                              ess_threshold=config.ess_threshold,
                              mesh=mesh if size == n else None)
-            out[name] = (result.particles.x, result.log_weights, result.nonfinite_increments.sum())
+            out[name] = (result.particles.x, result.log_weights, result.nonfinite_increments.sum(),
+                         result.log_evidence)
         out["guidance"] = _run_unweighted(k_smc, model, n).particles.x
+        if drift_model is not None:
+            # A key of its own, so that the other methods draw what they drew without it.
+            result = smc.run(jax.random.fold_in(key, 4), drift_model, num_drift,
+                             resampling=resampler, ess_threshold=config.ess_threshold)
+            out["driftlite"] = (result.particles.x, result.log_weights,
+                                result.nonfinite_increments.sum(), result.log_evidence)
         base_x = _run_unweighted(k_base, base, num_base).particles
         out["base"] = (base_x, r(base_x))
         if search is not None:
@@ -368,7 +383,30 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
     budgets = {"smc": budget, "guidance": budget, "best_of_n": num_base * config.num_steps,
                "psi": 2 * psi.chain_evaluations(num_psi, config.psi_chains, config.psi_burn_in,
                                                 config.psi_thin) + num_psi * psi_cost}
+    if drift_model is not None:
+        budgets["driftlite"] = drift_budget
     return timing.jit(program), budgets
+
+
+def _driftlite(config: RewardConfig, score, r, common: dict, budget: int):
+    """(DriftLite's model, its particles, their cost): transition weights, VCG on the default
+    basis with one Hutchinson probe; a gradient counts 2 (forward and backward), a tangent of
+    it 2. As many particles as fit in `budget`."""
+    from targets.diffusion import driftlite
+
+    if config.exponents == "adaptive":
+        raise ConfigError("driftlite=true needs a fixed twist schedule (exponents=das or "
+                          "constant), not adaptive")
+    cost = driftlite.reward_cost(common["times"], dim=DIM, divergence="hutchinson", probes=1,
+                                 exponents=config.exponents)
+    per_particle = 2 * cost.gradient + 2 * cost.tangents + (cost.forward - cost.gradient)
+    n = budget // per_particle
+    if n < 2:
+        raise ConfigError(f"the budget of {budget} evaluations buys {n} DriftLite particles "
+                          f"({per_particle} each): raise num_particles")
+    model = driftlite.reward(score, r, exponents=config.exponents, control="vcg",
+                             divergence="hutchinson", probes=1, **common)
+    return model, n, n * per_particle
 
 
 def run_reward(config: RewardConfig, key: jax.Array, mesh: Mesh | None = None) -> dict:
@@ -377,11 +415,15 @@ def run_reward(config: RewardConfig, key: jax.Array, mesh: Mesh | None = None) -
     reference = _reference_features(config.label)
     result: dict[str, Any] = {"budget": budgets["smc"], "reference_images": len(reference)}
     result.update(_flatten("real_train", real_train_metrics(config.label, reference), 0))
-    for name in ("smc", "psi"):
-        x, log_w, nans = out[name]
+    for name in ("smc", "psi", "driftlite"):
+        if name not in out:
+            continue
+        x, log_w, nans, log_evidence = out[name]
         result.update(_flatten(name, evaluate(x, log_w, config.label, reference), budgets[name]))
         result[f"{name}_particles"] = len(x)
         result[f"{name}_nan_increments"] = int(nans)
+        if name != "psi":             # Psi's estimates log Z - log Z_0, Z_0 unknown
+            result[f"{name}_log_evidence"] = float(log_evidence)
     result.update(_flatten("guidance", evaluate(out["guidance"], None, config.label, reference),
                            budgets["guidance"]))
     best_x = best_of(*out["base"], config.best_of)
