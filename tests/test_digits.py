@@ -367,7 +367,7 @@ def test_digits_reward_flow_network_with_neighbours_at_tiny_size(experiment):
     DTS, DTS* and RBF, and DriftLite, spend at most the SMC budget and score finite metrics."""
     config = experiment.RewardConfig(**TINY_REWARD, network="flow", neighbours=True,
                                      driftlite=True)
-    _, schedule, times = experiment._network(config)
+    _, schedule, times = experiment._network(config.network, config.num_steps)
     assert isinstance(schedule, sde.LinearInterpolant) and len(times) == 5
     assert 0.0 < times[-1] < times[0] < 1.0
     out = experiment.run_reward(config, jax.random.PRNGKey(0))
@@ -375,9 +375,12 @@ def test_digits_reward_flow_network_with_neighbours_at_tiny_size(experiment):
     # DTS: 16 samples (best-of-N's 16 base samples); RBF: 16 // best_of = 8 particles.
     assert out["dts_outputs"] == 16 and out["dts_star_outputs"] == 1 and out["rbf_outputs"] == 8
     # DriftLite: 6 passes per step and particle (two gradients, one tangent): 64 // 24 = 2.
-    assert out["driftlite_particles"] == 2 and out["driftlite_evaluations"] == 48
-    assert np.isfinite(out["driftlite_log_evidence"]) and np.isfinite(out["smc_log_evidence"])
-    for method in ("smc", "psi", "guidance", "best_of_n", "dts", "dts_star", "rbf", "driftlite"):
+    drift = ("driftlite_vcg", "driftlite_ecg")
+    for method in drift:
+        assert out[f"{method}_particles"] == 2 and out[f"{method}_evaluations"] == 48
+        assert np.isfinite(out[f"{method}_log_evidence"])
+    assert np.isfinite(out["smc_log_evidence"])
+    for method in ("smc", "psi", "guidance", "best_of_n", "dts", "dts_star", "rbf") + drift:
         assert 0 < out[f"{method}_evaluations"] <= out["budget"], method
         assert not out[f"{method}_degenerate"], method
         assert np.isfinite(out[f"{method}_reward"]) and 0 <= out[f"{method}_accuracy"] <= 1
@@ -393,8 +396,9 @@ def test_digits_reward_flow_network_with_neighbours_at_tiny_size(experiment):
                                                            exponents="adaptive"), None)
 
 
-def test_digits_fkc_at_tiny_size(experiment, tmp_path):
-    config = experiment.FKCConfig(**TINY_FKC)
+@pytest.mark.parametrize("network", ["score", "flow"])
+def test_digits_fkc_at_tiny_size(experiment, tmp_path, network):
+    config = experiment.FKCConfig(**TINY_FKC, network=network)
     out = experiment.run_fkc(config, jax.random.PRNGKey(0))
     assert out["cfg_w2_fkc_evaluations"] == out["cfg_w2_plain_evaluations"] == 8 * 4 * 2
     assert out["product_fkc_evaluations"] == 8 * 4 * 3 and out["joint_evaluations"] == 32

@@ -15,9 +15,10 @@ unconditional score network, at an equal budget of score-network evaluations:
                the DTS tree): dts draws as many samples from its tree as best-of-N has base
                samples, dts_star is its single best leaf (no covariance: frechet None), rbf runs
                num_base // best_of particles; `<method>_evaluations` is what each actually spent
-  driftlite    (`driftlite=true`) DriftLite (`targets.diffusion.driftlite.reward`) with transition
-               weights, VCG on the reward-guidance direction, one Hutchinson probe: each step
-               costs 6 (two gradients, a tangent of one), so it runs a third of smc's particles
+  driftlite_vcg, driftlite_ecg  (`driftlite=true`) DriftLite (`targets.diffusion.driftlite`)
+               with transition weights, VCG or ECG on the reward-guidance direction, one
+               Hutchinson probe: each step costs 6 (two gradients, a tangent of one), so each
+               runs a third of smc's particles
 `network=flow` runs every method with the shipped flow network as a score on
 `sde.LinearInterpolant()`, on VP's signal-to-noise grid mapped onto it (`sde.matching_time`,
 docs/algorithms.md section 10), which ends at t = 1e-3; the budget rule is unchanged. Psi runs
@@ -25,7 +26,8 @@ there too: its pCNL chains target the same reward-tilted initial law at t_0 on e
 digits_fkc: FKC classifier-free guidance q_u^{1-w} q_c^w at each w of `guidance_weights`, and the
 product of experts p(x | label) p(x | thick) / p(x) (exponents 1, 1, -1), each with its FKC
 weights ("fkc") and without ("plain": the same sampler, no weights, no resampling); "joint" is the
-network's own p(x | label, thick), for reference.
+network's own p(x | label, thick), for reference. `network=flow` runs them all with the flow
+network, as for digits_reward.
 
 Budget: one forward pass of the score network on one particle counts 1, a forward pass with its
 vector-Jacobian product (gradient guidance, pCNL) counts 2; the classifier is not counted.
@@ -36,7 +38,7 @@ classifier's penultimate features to the real test digits of the label; of the l
 thickness for the product), ess, and the budget; `images_<method>` are 16 samples (drawn by the
 weights) for the PNG grids. `real_train_*`: the same metrics for the real training digits (no
 budget), the floor that the Frechet distance reaches with this many reference images.
-`smc_log_evidence`, `driftlite_log_evidence`: log Z_hat (r <= 0, so log Z <= 0).
+`smc_log_evidence`, `driftlite_*_log_evidence`: log Z_hat (r <= 0, so log Z <= 0).
 """
 from __future__ import annotations
 
@@ -172,6 +174,8 @@ class FKCConfig:
     num_steps: int = param(100, "reverse-time Euler-Maruyama steps T", low=1)
     ess_threshold: float = param(0.5, "resample when ESS < threshold * N", low=0.0, high=1.0)
     resampling: str = param("systematic", "resampling scheme", choices=SCHEMES)
+    network: str = param("score", "score network (VP) or flow network (linear interpolant)",
+                         choices=("score", "flow"))
 
     def weights(self) -> list[float]:
         try:
@@ -189,11 +193,11 @@ class FKCConfig:
 
 def _fkc_models(config: FKCConfig) -> dict[str, tuple[smc.FeynmanKac, int]]:
     """Name -> (FKC model, score evaluations per particle per step)."""
-    times, vp = sde.time_grid(config.num_steps), sde.VP()
-    common = {"schedule": vp, "times": times, "dim": DIM}
-    uncond, cond = _score(), _score(config.label)
+    make_score, schedule, times = _network(config.network, config.num_steps)
+    common = {"schedule": schedule, "times": times, "dim": DIM}
+    uncond, cond = make_score(), make_score(config.label)
     models = {f"cfg_w{w:g}": (fkc.cfg(uncond, cond, w, **common), 2) for w in config.weights()}
-    models["product"] = (fkc.correctors([cond, _score(thick=config.thick), uncond],
+    models["product"] = (fkc.correctors([cond, make_score(thick=config.thick), uncond],
                                         [1.0, 1.0, -1.0], **common), 3)
     return models
 
@@ -201,8 +205,9 @@ def _fkc_models(config: FKCConfig) -> dict[str, tuple[smc.FeynmanKac, int]]:
 @functools.lru_cache(maxsize=16)
 def _fkc_program(config: FKCConfig, mesh: Mesh | None):
     models = _fkc_models(config)
-    joint = fkc.anneal(_score(config.label, config.thick), 1.0, schedule=sde.VP(),
-                       times=sde.time_grid(config.num_steps), dim=DIM)
+    make_score, schedule, times = _network(config.network, config.num_steps)
+    joint = fkc.anneal(make_score(config.label, config.thick), 1.0, schedule=schedule,
+                       times=times, dim=DIM)
     resampler = smc.resampling.get(config.resampling)
     n = config.num_particles
 
@@ -289,15 +294,16 @@ def psi_particles(budget: int, smc_cost: int, config: RewardConfig) -> int:
     return max(n, 0)
 
 
-def _network(config: RewardConfig) -> tuple[sde.ScoreFn, sde.Schedule, np.ndarray]:
-    """(unconditional score, its schedule, its grid of num_steps steps). The flow grid has VP's
+def _network(network: str, num_steps: int):
+    """(score(label=None, thick=None) -> ScoreFn, its schedule, its grid of num_steps steps) of
+    the shipped score network (VP) or flow network (linear interpolant). The flow grid has VP's
     signal-to-noise ratios: a grid uniform in t near t = 1 is unstable on the linear
     interpolant (`sde.LinearInterpolant`)."""
-    if config.network == "flow":
+    if network == "flow":
         linear = sde.LinearInterpolant()
-        times = sde.matching_time(linear, sde.VP(), sde.time_grid(config.num_steps, t_min=1e-5))
-        return _flow_score(), linear, sde.check_time_grid(np.asarray(times, np.float64), linear)
-    return _score(), sde.VP(), sde.time_grid(config.num_steps)
+        times = sde.matching_time(linear, sde.VP(), sde.time_grid(num_steps, t_min=1e-5))
+        return _flow_score, linear, sde.check_time_grid(np.asarray(times, np.float64), linear)
+    return _score, sde.VP(), sde.time_grid(num_steps)
 
 
 def _searches(config: RewardConfig, score, r, schedule, times, budget: int, num_base: int):
@@ -334,7 +340,8 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
 
     _, _, classify = _networks()
     r = lambda x: jax.nn.log_softmax(classify(x)[0], axis=-1)[:, config.label]
-    score, schedule, times = _network(config)
+    make_score, schedule, times = _network(config.network, config.num_steps)
+    score = make_score()
     common = {"alpha": config.alpha, "schedule": schedule, "times": times, "dim": DIM}
     model = reward_lib.reward_smc(score, r, exponents=config.exponents,
                                   guidance=config.guidance, **common)
@@ -354,8 +361,8 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
     n = config.num_particles
     search = (_searches(config, score, r, schedule, times, budget, num_base)
               if config.neighbours else None)
-    drift_model, num_drift, drift_budget = (_driftlite(config, score, r, common, budget)
-                                            if config.driftlite else (None, 0, 0))
+    drift_models, num_drift, drift_budget = (_driftlite(config, score, r, common, budget)
+                                             if config.driftlite else ({}, 0, 0))
 
     def program(key):
         k_smc, k_psi, k_base = jax.random.split(key, 3)
@@ -367,12 +374,12 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
             out[name] = (result.particles.x, result.log_weights, result.nonfinite_increments.sum(),
                          result.log_evidence)
         out["guidance"] = _run_unweighted(k_smc, model, n).particles.x
-        if drift_model is not None:
-            # A key of its own, so that the other methods draw what they drew without it.
-            result = smc.run(jax.random.fold_in(key, 4), drift_model, num_drift,
+        for i, (name, drift_model) in enumerate(drift_models.items()):
+            # Keys of their own, so that the other methods draw what they drew without them.
+            result = smc.run(jax.random.fold_in(key, 4 + i), drift_model, num_drift,
                              resampling=resampler, ess_threshold=config.ess_threshold)
-            out["driftlite"] = (result.particles.x, result.log_weights,
-                                result.nonfinite_increments.sum(), result.log_evidence)
+            out[name] = (result.particles.x, result.log_weights,
+                         result.nonfinite_increments.sum(), result.log_evidence)
         base_x = _run_unweighted(k_base, base, num_base).particles
         out["base"] = (base_x, r(base_x))
         if search is not None:
@@ -383,15 +390,14 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
     budgets = {"smc": budget, "guidance": budget, "best_of_n": num_base * config.num_steps,
                "psi": 2 * psi.chain_evaluations(num_psi, config.psi_chains, config.psi_burn_in,
                                                 config.psi_thin) + num_psi * psi_cost}
-    if drift_model is not None:
-        budgets["driftlite"] = drift_budget
+    budgets.update({name: drift_budget for name in drift_models})
     return timing.jit(program), budgets
 
 
 def _driftlite(config: RewardConfig, score, r, common: dict, budget: int):
-    """(DriftLite's model, its particles, their cost): transition weights, VCG on the default
-    basis with one Hutchinson probe; a gradient counts 2 (forward and backward), a tangent of
-    it 2. As many particles as fit in `budget`."""
+    """({"driftlite_vcg": model, "driftlite_ecg": model}, particles, their cost): transition
+    weights, the default basis, one Hutchinson probe; a gradient counts 2 (forward and
+    backward), a tangent of it 2. As many particles as fit in `budget`."""
     from targets.diffusion import driftlite
 
     if config.exponents == "adaptive":
@@ -404,9 +410,10 @@ def _driftlite(config: RewardConfig, score, r, common: dict, budget: int):
     if n < 2:
         raise ConfigError(f"the budget of {budget} evaluations buys {n} DriftLite particles "
                           f"({per_particle} each): raise num_particles")
-    model = driftlite.reward(score, r, exponents=config.exponents, control="vcg",
-                             divergence="hutchinson", probes=1, **common)
-    return model, n, n * per_particle
+    models = {f"driftlite_{control}": driftlite.reward(
+        score, r, exponents=config.exponents, control=control, divergence="hutchinson",
+        probes=1, **common) for control in driftlite.CONTROLS}
+    return models, n, n * per_particle
 
 
 def run_reward(config: RewardConfig, key: jax.Array, mesh: Mesh | None = None) -> dict:
@@ -415,7 +422,7 @@ def run_reward(config: RewardConfig, key: jax.Array, mesh: Mesh | None = None) -
     reference = _reference_features(config.label)
     result: dict[str, Any] = {"budget": budgets["smc"], "reference_images": len(reference)}
     result.update(_flatten("real_train", real_train_metrics(config.label, reference), 0))
-    for name in ("smc", "psi", "driftlite"):
+    for name in ("smc", "psi", "driftlite_vcg", "driftlite_ecg"):
         if name not in out:
             continue
         x, log_w, nans, log_evidence = out[name]
