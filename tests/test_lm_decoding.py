@@ -162,3 +162,19 @@ def test_prompt_length_zero_is_refused(params):
     with pytest.raises(ValueError, match="prompt_length"):
         generate(jax.random.PRNGKey(0), LM, params, jnp.array([[LM.bos_id]]), jnp.array([0]),
                  max_new_tokens=T)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cache_rows_are_written_at_their_own_slots(dtype):
+    # A 16-bit cache is written by a select on CPU, a 32-bit one by a scatter: both put row r's
+    # values at slot[r] and nowhere else, and drop a slot past the end.
+    from targets.lm.transformer import write_rows
+    cache = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 5, 3)).astype(dtype)
+    values = jax.random.normal(jax.random.PRNGKey(1), (4, 2, 3)).astype(dtype)
+    slot = jnp.array([0, 4, 5, 2])
+    got = np.asarray(jax.jit(write_rows)(cache, slot, values).astype(jnp.float32))
+    want = np.asarray(cache.astype(jnp.float32)).copy()
+    for r, s in enumerate(np.asarray(slot)):
+        if s < 5:
+            want[r, :, s] = np.asarray(values[r].astype(jnp.float32))
+    np.testing.assert_array_equal(got, want)
