@@ -213,10 +213,10 @@ def reward(score: sde.ScoreFn, reward: reward_lib.RewardFn, *, alpha: float,
     gamma), "constant" or an array [T + 1] rising to 1 (lambda_k of h). control: "vcg", "ecg" or
     theta [K]. weights: "transition" (the proposal ratio of the discretised chain: exact on any
     grid and with any score, reward.reward_smc with this control as its guidance rule) or "rate"
-    (the Fokker-Planck rate: exact as dtau -> 0 with an exact score). basis(x, t) -> [N, K, d]: fields replacing the default g^2 grad h (their
-    divergence by the same rule as Lap h); basis_potentials(x, t) -> [N, K]: scalars whose
-    gradients they are (needed for "ecg" with a user basis). divergence: "exact" or
-    "hutchinson" (with `probes`).
+    (the Fokker-Planck rate: exact as dtau -> 0 with an exact score). basis(x, t) -> [N, K, d]:
+    fields replacing the default g^2 grad h (their divergence by the same rule as Lap h);
+    basis_potentials(x, t) -> [N, K]: scalars whose gradients they are (needed for "ecg" with a
+    user basis). divergence: "exact" or "hutchinson" (with `probes`).
     """
     alpha = reward_lib.check_alpha(alpha)
     dim = static_int("dim", dim, 1)
