@@ -190,10 +190,12 @@ class Transformer:
             o = rms_norm(o, lp["post_attn_norm"], c.norm_eps)
         h = h + o
         x = rms_norm(h, lp["ffn_norm"], c.norm_eps)
-        gate_up = project(x, lp["w_gate_up"])  # [..., 2, F]
+        # [..., 2, F], kept in float32 for the gate: XLA:CPU's bf16 silu/gelu ran ~2x slower than
+        # the float32 one plus the rounding (SmolLM2 bf16 prefill of 64 x 40 tokens: 166 ms)
+        gate_up = project(x, lp["w_gate_up"], dtype=F32)
         gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
         act = jax.nn.silu(gate) if c.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        y = project(act * up, lp["w_down"])
+        y = project((act * up).astype(self.dtype), lp["w_down"])
         if c.sandwich_norm:
             y = rms_norm(y, lp["post_ffn_norm"], c.norm_eps)
         return h + y
