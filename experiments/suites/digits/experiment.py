@@ -277,8 +277,8 @@ class RewardConfig:
     neighbours: bool = param(False, "also DTS, DTS* and RBF at the same budget (slow: DTS "
                              "calls the network one particle at a time)")
     branching: int = param(4, "DTS / DTS*: most children per tree node", low=1)
-    driftlite: bool = param(False, "also DriftLite (transition weights, VCG, one Hutchinson "
-                            "probe) with as many particles as the same budget buys")
+    driftlite: bool = param(False, "also DriftLite (transition weights, VCG and ECG, one "
+                            "Hutchinson probe) with as many particles as the same budget buys")
 
 
 def psi_particles(budget: int, smc_cost: int, config: RewardConfig) -> int:
@@ -371,15 +371,13 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
             result = smc.run(k, m, size, resampling=resampler,
                              ess_threshold=config.ess_threshold,
                              mesh=mesh if size == n else None)
-            out[name] = (result.particles.x, result.log_weights, result.nonfinite_increments.sum(),
-                         result.log_evidence)
+            out[name] = _weighted(result)
         out["guidance"] = _run_unweighted(k_smc, model, n).particles.x
         for i, (name, drift_model) in enumerate(drift_models.items()):
             # Keys of their own, so that the other methods draw what they drew without them.
             result = smc.run(jax.random.fold_in(key, 4 + i), drift_model, num_drift,
                              resampling=resampler, ess_threshold=config.ess_threshold)
-            out[name] = (result.particles.x, result.log_weights,
-                         result.nonfinite_increments.sum(), result.log_evidence)
+            out[name] = _weighted(result)
         base_x = _run_unweighted(k_base, base, num_base).particles
         out["base"] = (base_x, r(base_x))
         if search is not None:
@@ -392,6 +390,13 @@ def _reward_program(config: RewardConfig, mesh: Mesh | None):
                                                 config.psi_thin) + num_psi * psi_cost}
     budgets.update({name: drift_budget for name in drift_models})
     return timing.jit(program), budgets
+
+
+def _weighted(result: smc.SMCResult) -> tuple:
+    """What run_reward scores of a weighted run: (x, log-weights, non-finite increments, log
+    Z_hat)."""
+    return (result.particles.x, result.log_weights, result.nonfinite_increments.sum(),
+            result.log_evidence)
 
 
 def _driftlite(config: RewardConfig, score, r, common: dict, budget: int):
