@@ -12,7 +12,7 @@ Any log-weights give int32 ancestors in [0, N):
 
 Order. The schemes traverse the particles in a fixed order, `traversal_order(N)`, not in array
 order: the particles are viewed as a row-major grid of R rows (a power of two near sqrt(N)) and
-C columns plus a short last row, and the cumulative weights run down the columns, then along the
+C columns (even) plus a short last row, and the cumulative weights run down the columns, then along the
 last row. Every prefix sum is then a `lax.scan` over the R rows, each step adding a whole
 contiguous row at once, plus a chain over the C column totals, about 5x faster on CPU than a
 prefix sum in array order (which needs a transpose, or a log-depth scan). The order decides which
@@ -26,6 +26,19 @@ and a prefix sum, O(N + M). Because the cumulative weights are a sequential sum 
 column offsets a sequential chain, they never decrease and stay flat exactly across zero weights
 whatever the float32 rounding, so counts are non-negative, sum to exactly M, and are exactly zero
 for zero-weight particles.
+
+Multinomial draws (the multinomial scheme, residual's remainder, killing's replacements) count
+uniform points below each cumulative weight from a table of the points' buckets; a point's place
+within its bucket is drawn only where a cumulative weight lands in that bucket
+(`_uniform_points`, `_count_below`): no sort and no search.
+
+Speed on CPU. XLA:CPU hands a program its scratch memory as one block, and glibc maps a block above
+32 MiB afresh, page faults and all, on every call (a third of the time at N = 10^6 before this
+layout): so passes read their values row by row from functions of the row (`Rows`), recomputing
+what is cheap (the weights from the log-weights) rather than storing it, and the heavy per-particle
+work (`_count_below`) runs as one elementwise expression over a stored grid, as a loop body runs
+about 2x slower. Grids have an even number of cells: XLA:CPU ran elementwise work over an odd
+number of elements 1.6x slower, and with gathers 5x.
 
 Random numbers come from Threefry-2x32 (JAX's own PRNG function) evaluated here as one fused
 expression on a pair of words drawn from the caller's key: XLA:CPU runs `jax.random`'s Threefry as
@@ -94,11 +107,6 @@ def _unit_interval(words: Array) -> Array:
     return jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
 
 
-def _exponentials(key: Array, shape: tuple[int, ...]) -> Array:
-    """Exp(1) variates -log(1 - U), U uniform on [0, 1)."""
-    return -jnp.log1p(-_unit_interval(_random_words(key, shape)))
-
-
 # ---------------------------------------------------------------------------------------------
 # Grids: prefix sums down the columns of a [rows, cols] view
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +114,7 @@ def _exponentials(key: Array, shape: tuple[int, ...]) -> Array:
 
 class _Grid(NamedTuple):
     """`size` cells: a main block of rows x cols in row-major memory, rows a power of two, then
-    a tail of size - rows * cols < cols cells in one more memory row (zero-padded).
+    a tail of size - rows * cols <= cols cells in one more memory row (zero-padded).
 
     Cells are ordered ("positions") down the columns of the main block, column after column,
     then along the tail: main cell (r, c) is at position c * rows + r, tail cell t at
@@ -126,8 +134,15 @@ class _Grid(NamedTuple):
 
 
 def _grid(size: int) -> _Grid:
-    rows = 1 << (math.isqrt(size).bit_length() - 1)  # the largest power of two <= sqrt(size)
-    return _Grid(rows, size // rows, size)  # tail = size mod rows < rows <= cols
+    """rows: the largest power of two <= sqrt(size) whose even column count leaves a tail that
+    fits one memory row. Even columns make every grid's memory even: XLA:CPU ran elementwise
+    work over an odd number of elements 1.6x slower, and with gathers 5x."""
+    if size < 4:
+        return _Grid(1, min(size, 2), size)
+    rows = 1 << (math.isqrt(size).bit_length() - 1)
+    while size - rows * (size // rows & ~1) > (size // rows & ~1):
+        rows //= 2
+    return _Grid(rows, size // rows & ~1, size)
 
 
 def _as_grid(grid: _Grid, x: Array, fill=0) -> Array:
@@ -149,10 +164,45 @@ def _positions(grid: _Grid, r: Array) -> Array:
     return jnp.where(r < grid.rows, cols * grid.rows + r, grid.main + cols)
 
 
-# Per-cell work runs inside `lax.scan`s over the memory rows, one contiguous row at a time, so
-# that every grid that is later flattened (for a histogram or a gather) is a loop's output:
-# XLA:CPU would otherwise fuse the flattening into the elementwise work, which then indexes its
-# per-column operands by divisions of a flat index, 3-4x slower than the work itself.
+def _cells(grid: _Grid, r: Array) -> Array:
+    """[cols] int32: the memory indices of memory row r's cells."""
+    return r * grid.cols + jnp.arange(grid.cols, dtype=jnp.int32)
+
+
+# Passes over the memory rows, one contiguous row at a time (a prefix sum needs the sequential
+# sums down the columns). A pass reads its values from a function of the memory row r (`Rows`), so
+# values that are cheap to recompute are recomputed by each pass rather than stored (module doc).
+# What a pass makes per cell is stacked as the loop's output; a per-cell result that feeds a
+# scatter or a gather is computed from that output afterwards, on the flat array.
+
+Rows = Callable[[Array], Any]  # memory row r -> a pytree of [cols] arrays
+
+
+class _MemoryRows(NamedTuple):
+    """The rows of a flat array x holding a whole memory grid [rows (+ 1), cols] (and perhaps
+    more after it), read in place, as `dtype` (x's by default)."""
+    grid: _Grid
+    x: Array
+    dtype: Any = None
+
+    def __call__(self, r: Array) -> Array:
+        row = jax.lax.dynamic_slice(self.x, (r * self.grid.cols,), (self.grid.cols,))
+        return row.astype(self.dtype or self.x.dtype)
+
+
+def _flat_rows(grid: _Grid, x: Array) -> Rows:
+    """The rows of a flat [size] array laid on the grid, read in place (no padded copy); the
+    tail row's padding holds x's last entry, for the caller to mask."""
+    if grid.size == grid.main:
+        return _MemoryRows(grid, x)
+    tail = jnp.pad(x[grid.main:], (0, grid.main + grid.cols - grid.size), mode="edge")
+
+    def row(r: Array) -> Array:
+        main = jax.lax.dynamic_slice(x, (jnp.minimum(r, grid.rows - 1) * grid.cols,),
+                                     (grid.cols,))
+        return jnp.where(r < grid.rows, main, tail)
+
+    return row
 
 
 def _map_rows(fn: Callable[..., Any], *grids: Array) -> Any:
@@ -162,41 +212,82 @@ def _map_rows(fn: Callable[..., Any], *grids: Array) -> Any:
     return out
 
 
-def _column_prefix(grid: _Grid, x: Array, finish: Callable[..., Any],
-                   *grids: Array) -> tuple[Any, Array]:
-    """(finish(cs_r, r, total, *rows r of grids) stacked over memory rows r, total) for the
-    inclusive prefix sum cs of x (a memory grid) in position order.
+def _scan_rows(grid: _Grid, step: Callable[[Any, Array], tuple[Any, Any]], init: Any = None):
+    """(acc, outs): acc, out_r = step(acc, r) over the memory rows r, outs stacked."""
+    return jax.lax.scan(step, init, jnp.arange(grid.shape[0], dtype=jnp.int32))
+
+
+class _Columns(NamedTuple):
+    """The first pass of a prefix sum in position order; each field a pytree like a row's."""
+    offsets: Any  # [cols]: the sum of all columns before each one
+    tail: Any     # [cols]: the inclusive prefix sums along the tail row (zeros without a tail)
+    total: Any    # scalars: the sum of every cell
+
+
+def _columns(grid: _Grid, rows: Rows) -> _Columns:
+    """Sums each main column sequentially down its rows, chains the column sums sequentially,
+    then continues the chain cell by cell along the tail. (The second pass, `_fold`, repeats
+    the column sums cell by cell, so for floats its last entry of a column is the chained one.)"""
+    like = jax.eval_shape(rows, jnp.int32(0))
+    add = functools.partial(jax.tree.map, jnp.add)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), like)
+    if (isinstance(rows, _MemoryRows) and not jnp.issubdtype(like.dtype, jnp.floating)
+            and rows.x.size % grid.cols == 0):
+        # Integer sums are exact in any order: one reduction, no loop; less the rows after the
+        # main block, as a slice of the main block would be copied.
+        memory = rows.x.reshape(-1, grid.cols)
+        sums = (jnp.sum(memory, axis=0, dtype=like.dtype)
+                - jnp.sum(memory[grid.rows:], axis=0, dtype=like.dtype))
+    else:
+        sums = jax.lax.fori_loop(0, grid.rows, lambda r, s: add(s, rows(r)), zeros)
+    chain = lambda carry, t: (add(carry, t), add(carry, t))
+    start = jax.tree.map(lambda a: jnp.zeros((), a.dtype), like)
+    _, ends = jax.lax.scan(chain, start, sums)  # the last entry of each column
+    offsets = jax.tree.map(lambda e: jnp.concatenate([jnp.zeros((1,), e.dtype), e[:-1]]), ends)
+    total = jax.tree.map(lambda e: e[-1], ends)
+    tail = zeros
+    if grid.size > grid.main:
+        total, tail = jax.lax.scan(chain, total, rows(jnp.int32(grid.rows)))
+    return _Columns(offsets, tail, total)
+
+
+def _fold(grid: _Grid, rows: Rows, columns: _Columns,
+          finish: Callable[[Any, Any, Array], Any], *, real_cells: bool = False) -> Any:
+    """The second pass of the prefix sum: finish(cs, values, r) stacked over the memory rows r,
+    `values` row r's values and `cs` their inclusive prefix sums in position order; `columns`
+    is `_columns(grid, rows)`. With `real_cells`, finish returns one array per row and the
+    result is its entries for the real cells, flat [size]: written in place, no copy.
 
     cs at main cell (r, c) is fl(offset_c + s_rc), with s_rc the sequential sum down column c and
     offset_c chained sequentially, offset_{c+1} = fl(offset_c + s_{rows-1,c}) = the last entry of
     column c; the tail continues the chain cell by cell. So for floats x >= 0 cs never decreases
-    along the positions and stays flat exactly where x == 0; integer sums are exact. total = the
-    last entry, the sum of x.
+    along the positions and stays flat exactly where x == 0; integer sums are exact; the last
+    entry is `columns.total`.
     """
-    main = x[:grid.rows]
-    zeros = jnp.zeros(grid.cols, x.dtype)
-    sums, _ = jax.lax.scan(lambda carry, row: (carry + row, None), zeros, main)
-    chain = lambda carry, t: (carry + t, carry + t)
-    _, ends = jax.lax.scan(chain, jnp.zeros((), x.dtype), sums)  # the last entry of each column
-    offsets = jnp.concatenate([jnp.zeros((1,), x.dtype), ends[:-1]])
-    total = ends[-1]
-    tail = zeros
-    if x.shape[0] > grid.rows:
-        total, tail = jax.lax.scan(chain, total, x[grid.rows])
+    add = functools.partial(jax.tree.map, jnp.add)
+    zeros = jax.tree.map(jnp.zeros_like, columns.offsets)
 
-    def row_step(within: Array, xs: tuple[Array, ...]) -> tuple[Array, Any]:
-        r, row, *others = xs
-        within = within + row  # the same sums as above: the last main entry is ends[-1]
-        cs = jnp.where(r < grid.rows, offsets + within, tail)
-        return within, finish(cs, r, total, *others)
+    def body(within, r):
+        values = rows(r)
+        within = add(within, values)  # the first pass's sums, cell by cell
+        cs = jax.tree.map(lambda o, s, t: jnp.where(r < grid.rows, o + s, t),
+                          columns.offsets, within, columns.tail)
+        return within, finish(cs, values, r)
 
-    _, out = jax.lax.scan(row_step, zeros, (jnp.arange(x.shape[0], dtype=jnp.int32), x, *grids))
-    return out, total
+    if not real_cells:
+        return _scan_rows(grid, body, zeros)[1]
+    like = jax.eval_shape(lambda: body(zeros, jnp.int32(0))[1])
 
+    def write(r, carry):
+        within, out = carry
+        within, row = body(within, r)
+        return within, jax.lax.dynamic_update_slice(out, row, (r * grid.cols,))
 
-def _prefix(grid: _Grid, x: Array) -> tuple[Array, Array]:
-    """(inclusive prefix sum of x in position order, total), see `_column_prefix`."""
-    return _column_prefix(grid, x, lambda cs, r, total: cs)
+    out = jax.lax.fori_loop(0, grid.rows, write, (zeros, jnp.zeros(grid.size, like.dtype)))[1]
+    if grid.size > grid.main:
+        tail = finish(columns.tail, rows(jnp.int32(grid.rows)), jnp.int32(grid.rows))
+        out = jax.lax.dynamic_update_slice(out, tail[:grid.size - grid.main], (grid.main,))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +304,23 @@ def _num(log_weights: Array, num_samples: int | None) -> tuple[int, int]:
     return n, m
 
 
+def _top(log_weights: Array) -> tuple[Array, Array]:
+    """(log-weights in at least float32, their max): half precision cannot resolve a cdf over
+    many particles. The max is NaN if any entry is: one reduction finds every special case."""
+    log_weights = log_weights.astype(jnp.promote_types(log_weights.dtype, jnp.float32))
+    return log_weights, jnp.max(log_weights)
+
+
+def _shifted_exp(log_weights: Array, top: Array) -> Array:
+    """exp(logw - top), with `== top` covering +inf (inf - inf would be NaN) and all -inf, and
+    every entry 0 (so w = 1) when top is NaN."""
+    return jnp.exp(jnp.where((log_weights == top) | jnp.isnan(top), 0.0, log_weights - top))
+
+
+def _is_degenerate(top: Array) -> Array:
+    return jnp.isnan(top) | jnp.isneginf(top)
+
+
 def _unnormalised(log_weights: Array) -> tuple[Array, Array]:
     """(w [N], degenerate): w = exp(logw - max logw), so max w = 1 and dead particles are exactly 0.
 
@@ -220,26 +328,22 @@ def _unnormalised(log_weights: Array) -> tuple[Array, Array]:
     scalar) is any NaN or all -inf; w is then uniform, only so that the arithmetic stays finite
     until the draws are discarded for the identity.
     """
-    # Half precision cannot resolve a cdf over many particles.
-    log_weights = log_weights.astype(jnp.promote_types(log_weights.dtype, jnp.float32))
-    top = jnp.max(log_weights)  # NaN if any entry is: one reduction finds every special case
-    # `== top` covers +inf (inf - inf would be NaN) and all -inf; everything else is finite - top.
-    shifted = jnp.where((log_weights == top) | jnp.isnan(top), 0.0, log_weights - top)
-    return jnp.exp(shifted), jnp.isnan(top) | jnp.isneginf(top)
+    log_weights, top = _top(log_weights)
+    return _shifted_exp(log_weights, top), _is_degenerate(top)
 
 
-def _identity_if(degenerate: Array, ancestors: Array, n: int) -> Array:
-    """ancestor_j = j mod N [M] where `degenerate`, else `ancestors` [M]."""
-    identity = jnp.arange(ancestors.shape[0], dtype=jnp.int32)
-    if ancestors.shape[0] > n:
-        identity = identity % n
-    return jnp.where(degenerate, identity, ancestors)
+def _weight_rows(grid: _Grid, log_weights: Array) -> tuple[Rows, Array]:
+    """(the rows of w as in `_unnormalised` on the particle grid, 0 on padding; degenerate),
+    computed from the log-weights row by row."""
+    log_weights, top = _top(log_weights)
+    read = _flat_rows(grid, log_weights)
+    tail = grid.size - grid.main
 
+    def row(r: Array) -> Array:
+        real = (r < grid.rows) | (jnp.arange(grid.cols) < tail)
+        return jnp.where(real, _shifted_exp(read(r), top), 0.0)
 
-def _weights_grid(grid: _Grid, log_weights: Array) -> tuple[Array, Array]:
-    """(w as in `_unnormalised` on the particle grid, 0 on padding; degenerate)."""
-    w, degenerate = _unnormalised(log_weights)
-    return _as_grid(grid, w), degenerate
+    return row, _is_degenerate(top)
 
 
 def _expected_counts_grid(grid: _Grid, log_weights: Array, m: int) -> tuple[Array, Array, Array]:
@@ -250,102 +354,148 @@ def _expected_counts_grid(grid: _Grid, log_weights: Array, m: int) -> tuple[Arra
     return _as_grid(grid, x), _as_grid(grid, w), degenerate
 
 
-def _slot_bins(cum_counts: Array, m: int) -> Array:
-    """The slot-grid cell of each cumulative count Nc < M, or one past the last slot (Nc = M)."""
-    slots = _grid(m)
-    rows, cols = slots.shape
-    return jnp.where(cum_counts < m, _cell_of_position(slots, cum_counts), rows * cols)
+def _histogram_cells(grid: _Grid) -> Array:
+    """An empty int32 histogram over the grid's memory and one more row: the cells past the
+    grid catch what counts for no cell, and whole rows let `_columns` sum it in one reduction."""
+    return jnp.zeros((grid.shape[0] + 1) * grid.cols, jnp.int32)
 
 
-def _histogram(bins: Array, length: int) -> Array:
-    """#{i : bins_i = b} for b < length; bins (any shape) must lie in [0, length)."""
+def _add_ones(hist: Array, bins: Array) -> Array:
+    """hist with 1 added at each of `bins` (any shape), which must lie in [0, len(hist))."""
     dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,),
                                            scatter_dims_to_operand_dims=(0,))
-    flat = bins.reshape(-1)
-    return jax.lax.scatter_add(jnp.zeros(length, jnp.int32), flat[:, None],
-                               jnp.ones(flat.shape, jnp.int32), dims, mode="promise_in_bounds")
+    # Flat indices: XLA:CPU copied a grid of indices given as [rows, cols, 1] (and flattened it
+    # anyway); promise_in_bounds: it runs a bounds-checked scatter slower.
+    return jax.lax.scatter_add(hist, bins.reshape(-1, 1), jnp.ones(bins.size, hist.dtype), dims,
+                               mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _slot_bins(cum_counts: Array, m: int) -> Array:
+    """The slot-grid cell of each cumulative count Nc; Nc = M lands on a cell past every slot's
+    position (padding, or the one after the grid)."""
+    return _cell_of_position(_grid(m), cum_counts)
 
 
 def _ancestors(bins: Array, particles: _Grid, m: int, degenerate: Array) -> Array:
-    """Ancestors [M] from the slot bins (`_slot_bins`, a loop's output) of the cumulative counts
+    """Ancestors [M] from the slot bins (`_slot_bins`, any shape) of the cumulative counts
     Nc (non-decreasing along the particle positions, last = M); ancestor_j = j mod N instead
     where `degenerate` (see the module doc).
 
     Slot j's ancestor is the particle at the first position p with Nc_p > j, and that position is
-    #{p : Nc_p <= j}: a histogram of Nc over the slots and a prefix sum. Slot j is the slot grid's
-    position j, so the prefix sum is a `_column_prefix`, and the result holds slot j at memory
-    index `_cell_of_position(_grid(M), j)` (slots are exchangeable: any fixed order will do).
+    #{p : Nc_p <= j}: a histogram of Nc over the slots and its prefix sum. Slot j is the slot
+    grid's position j, so the prefix sum runs in position order, and the result holds slot j at
+    memory index `_cell_of_position(_grid(M), j)` (slots are exchangeable: any fixed order will do).
     """
     slots = _grid(m)
-    rows, cols = slots.shape
-    hist = _histogram(bins, rows * cols + 1)[:-1].reshape(rows, cols)
+    # One scatter after the loop that made the bins: XLA:CPU ran a scatter inside a loop body ~3x
+    # slower whenever a select fed its indices. A row past the grid holds Nc = M.
+    hist = _add_ones(_histogram_cells(slots), bins)
+    rows = _MemoryRows(slots, hist)  # the last cells, Nc = M without padding, are never read
 
-    def finish(position: Array, r: Array, total: Array) -> Array:
-        memory = r * cols + jnp.arange(cols, dtype=jnp.int32)
+    def finish(position: Array, values: Array, r: Array) -> Array:
+        memory = _cells(slots, r)
         identity = memory % particles.size if m > particles.size else memory
         return jnp.where(degenerate, identity, _cell_of_position(particles, position))
 
-    ancestors, _ = _column_prefix(slots, hist, finish)
-    return ancestors.reshape(-1)[:m].astype(jnp.int32)
+    return _fold(slots, rows, _columns(slots, rows), finish, real_cells=True)
 
 
-def _multinomial_cumulative(key: Array, cs: Array, total: Array, m: int,
-                            size: Array | int) -> Array:
-    """Cumulative counts of `size` i.i.d. draws from the increments of the cdf cs (a loop's
-    output, last entry total): #{j < size : point_j < cs} (all `size` where cs = total), cs's
-    shape; size <= M may be traced.
+class _Points(NamedTuple):
+    """`size` i.i.d. uniform points on [0, 1), as counts in K = 2^bits equal buckets."""
+    words: tuple[Array, Array]  # the Threefry key of the points and of their places in buckets
+    bits: int
+    below: Array  # [K], at the bucket grid's cell of b: #{points in buckets 0..b}
+    fullest: Array  # the most points in one bucket
+    size: Array | int
 
-    The points are sorted uniforms by exponential spacings: with E_0..E_M i.i.d. Exp(1) and
-    Z = cumsum(E), (Z_0..Z_{k-1}) / Z_k are the order statistics of k uniforms, here compared
-    with cs scaled to [0, Z_size] rather than scaled themselves. A bucket table over
-    [0, Z_size] (K = ceil(M / 2) buckets) narrows each query's binary search to one bucket;
-    sorted uniforms put about two points in each bucket, so a few halvings suffice whatever the
-    weights: O(N + M). (With two points a bucket the widest bucket of a million is about as wide
-    as with one: the same number of halvings for half the table.)
+
+def _uniform_points(key: Array, m: int, size: Array | int) -> _Points:
+    """`size` <= M (may be traced) i.i.d. uniform points, drawn as their buckets.
+
+    Point j's bucket is the top `bits` bits of a Threefry word, so the bucket counts are
+    Multinomial(size, equal); given them, the points' places within their buckets are i.i.d.
+    uniform and independent of everything else, so they are drawn only where a query needs them
+    (`_count_below`). K = 2^bits is between M / 4 and M / 2 (about 3 points a bucket: a smaller
+    table makes the histogram's scatter and prefix sum cheaper, more points a bucket cost more
+    places per query; this balance measured fastest at M = 10^6), at least 2^12 and at most 2^24
+    (so float32 resolves a bucket exactly).
     """
-    points = _grid(m + 1)  # Z_0..Z_M at positions 0..M
-    rows, cols = points.shape
-    cells = jnp.arange(rows * cols, dtype=jnp.int32).reshape(rows, cols)
-    # 0 on padding (after the last position), so Z at position j sums exactly j + 1 spacings
-    spacings = jnp.where(cells < points.size, _exponentials(key, (rows, cols)), 0.0)
-    z, z_total = _prefix(points, spacings)
-    flat_z = z.reshape(-1)
-    static_size = isinstance(size, int)
-    z_size = z_total if static_size and size == m else flat_z[
-        _cell_of_position(points, jnp.asarray(size))]
-    # Compared on Z's scale: query q = cs / total * Z_size <= Z_size, equal for equal cs.
-    q = cs / total * z_size
-    k = (m + 1) // 2
-    scale = k / jnp.maximum(z_size, jnp.finfo(z.dtype).tiny)  # Z_size = 0 when size = 0, E_0 = 0
-    bucket = lambda x: jnp.minimum(x * scale, k).astype(jnp.int32)
-    buckets = _grid(k + 2)
-    # Unused positions (>= size) go to bucket K + 1, past every query's.
-    point_bins = _map_rows(lambda r, z_row: _cell_of_position(buckets, jnp.where(
-        _positions(points, r) < size, bucket(z_row), k + 1)), z)
-    hist = _histogram(point_bins, math.prod(buckets.shape))
-    start, _ = _prefix(buckets, hist.reshape(buckets.shape))  # #{j : bucket_j <= b} at b
-    start = start.reshape(-1)
-    at_bucket = lambda b: start[_cell_of_position(buckets, b)]
-    qb = bucket(q)
-    # Monotone buckets: every point in a bucket below q's is < q, and every point in a bucket
-    # above q's is > q, so the count lies in [lo, lo + widest bucket]; the sorted points bound
-    # the search on their own (Z_j >= Z_size >= q for the unused ones).
-    lo = jnp.where(qb > 0, at_bucket(jnp.maximum(qb - 1, 0)), 0)
+    bits = min(max((m - 1).bit_length() - 2, 12), 24)
+    buckets = _grid(1 << bits)
+    k0, k1 = _key_words(key)
+    j = jnp.arange(m + (m & 1), dtype=jnp.uint32)  # any `size` distinct counters; even: `_grid`
+    b = jnp.right_shift(_threefry2x32(k0, k1, j, jnp.uint32(0))[0], np.uint32(32 - bits))
+    # Unused counters go to bucket K, the histogram's first cell after the grid.
+    b = jnp.where(j < size, b.astype(jnp.int32), 1 << bits)
+    hist = _add_ones(_histogram_cells(buckets), _cell_of_position(buckets, b))
+    rows = _MemoryRows(buckets, hist)
+    below = _fold(buckets, rows, _columns(buckets, rows), lambda cs, values, r: cs)
+    return _Points((k0, k1), bits, below.reshape(-1), jnp.max(hist[:1 << bits]), size)
 
-    # Branchless binary search: try steps 2^(L-1), ..., 1, with 2^L > the widest bucket.
-    unused = _cell_of_position(buckets, jnp.int32(k + 1))  # the bucket of the unused points
-    levels = 32 - jax.lax.clz(jnp.max(hist.at[unused].set(0)))
 
-    def step(t: Array, pos: Array) -> Array:
-        nxt = pos + jnp.left_shift(1, levels - 1 - t)
-        last = jnp.minimum(nxt - 1, m)
-        # strict: a dead first particle (q = 0) catches no Z_j = 0
-        return jnp.where(flat_z[_cell_of_position(points, last)] < q, nxt, pos)
+# Places drawn for every query: they hold a bucket's first 24 points. With about 3 points a
+# bucket, a fuller bucket turns up in about one call in 10^6 at M = 10^6 (one in 10^5 at 10^7),
+# and then a loop draws the places it needs.
+_PLACES = 24
 
-    found = jax.lax.fori_loop(0, levels, step, lo)
-    # cs == total: the last living particle and the dead tail after it take every draw, whatever
-    # the rounding of q.
-    return jnp.where(cs == total, size, found).astype(jnp.int32)
+
+def _place_bits(bits: int) -> int:
+    """Bits of a place within a bucket: enough that a place resolves the unit interval to 2^-24
+    (float32's resolution of the cdf near 1) with K = 2^bits buckets, 8 or 16."""
+    return 8 if bits >= 16 else 16
+
+
+def _count_below(points: _Points, cs: Array, total: Array) -> Array:
+    """#{points < cs / total} for cdf values cs (flat, 0 <= cs <= total): all `size` where
+    cs = total. Non-decreasing in cs, so cumulative counts made of it are consistent.
+
+    For u = cs / total in bucket b = floor(K u), the count is the points in buckets below b plus
+    those of bucket b whose place is below K u - b. The places are w-bit fields of Threefry at
+    counters (b, c) (`_place_bits`), 64 / w to a call c = 1, 2, ... (the buckets' own counters
+    are (j, 0)), the i-th field the place of the bucket's i-th point: queries in one bucket see
+    the same places.
+    """
+    k0, k1 = points.words
+    k = 1 << points.bits
+    buckets = _grid(k)
+    width = _place_bits(points.bits)
+    per_call = 64 // width
+    mask = np.uint32((1 << width) - 1)
+
+    def hits(call: Array, cs: Array) -> Array:
+        """#{the bucket's points per_call (call - 1) .. per_call call - 1 below u} (none where
+        u = 1)."""
+        f = cs * np.float32(k) / total  # scaling by 2^bits: the same rounding as cs / total
+        b = jnp.minimum(jnp.floor(f), k - 1)
+        place = (f - b) * np.float32(1 << width)  # exact, <= 2^width (= when u = 1)
+        b = b.astype(jnp.int32)
+        count = points.below[_cell_of_position(buckets, b)] - below_bucket(b)
+        words = _threefry2x32(k0, k1, b.astype(jnp.uint32), call.astype(jnp.uint32))
+        fields = [(word >> np.uint32(shift)) & mask for word in words
+                  for shift in range(0, 32, width)]
+        found = jnp.zeros(cs.shape, jnp.int32)
+        for i, field in enumerate(fields):
+            found = found + ((per_call * (call - 1) + i < count)
+                             & (field.astype(jnp.float32) < place))
+        return jnp.where(cs == total, 0, found)
+
+    def below_bucket(b: Array) -> Array:
+        return jnp.where(b > 0, points.below[_cell_of_position(buckets, jnp.maximum(b - 1, 0))], 0)
+
+    f = cs * np.float32(k) / total
+    b = jnp.minimum(jnp.floor(f), k - 1).astype(jnp.int32)
+    counted = jnp.where(cs == total, points.size, below_bucket(b))
+    calls = -(-_PLACES // per_call)
+    for call in range(1, calls + 1):
+        counted = counted + hits(jnp.int32(call), cs)
+
+    def more(call: Array, counted: Array) -> Array:
+        # The barrier ties cs to the loop's counter: otherwise XLA hoists the buckets out of the
+        # loop as invariants and stores them, for a loop that almost never runs.
+        return counted + hits(*jax.lax.optimization_barrier((call, cs)))
+
+    needed = (points.fullest + per_call - 1) // per_call
+    return jax.lax.fori_loop(calls + 1, needed + 1, more, counted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,16 +503,29 @@ def _multinomial_cumulative(key: Array, cs: Array, total: Array, m: int,
 # ---------------------------------------------------------------------------------------------
 
 
+def _resample_by_cdf(log_weights: Array, m: int,
+                     cum_counts: Callable[[Array, Array], Array]) -> Array:
+    """Ancestors [M] from cum_counts(cs, total) -> Nc, the cumulative offspring counts at the
+    cdf of w (`_weight_rows`), a memory grid: two passes over the weights, the second storing
+    only the cdf."""
+    grid = _grid(log_weights.shape[0])
+    rows, degenerate = _weight_rows(grid, log_weights)
+    columns = _columns(grid, rows)
+    # Flat: per-cell work on a grid would be fused with the gathers' index flattening.
+    cs = _fold(grid, rows, columns, lambda cs, w, r: cs).reshape(-1)
+    return _ancestors(_slot_bins(cum_counts(cs, columns.total), m), grid, m, degenerate)
+
+
 @_static
 def multinomial(key: Array, log_weights: Array, num_samples: int | None = None) -> Array:
-    """M i.i.d. draws from W. log_weights [N] -> ancestors int32 [M]."""
-    n, m = _num(log_weights, num_samples)
-    grid = _grid(n)
-    w, degenerate = _weights_grid(grid, log_weights)
-    cs, total = _prefix(grid, w)
-    cum = _multinomial_cumulative(key, cs, total, m, m)
-    bins = _map_rows(lambda r, cum_row: _slot_bins(cum_row, m), cum)
-    return _ancestors(bins, grid, m, degenerate)
+    """M i.i.d. draws from W. log_weights [N] -> ancestors int32 [M].
+
+    Nc_i = #{uniform points below C_i}, counted from a bucket table of the points
+    (`_uniform_points`): O(N + M).
+    """
+    _, m = _num(log_weights, num_samples)
+    points = _uniform_points(key, m, m)
+    return _resample_by_cdf(log_weights, m, functools.partial(_count_below, points))
 
 
 @_static
@@ -372,12 +535,10 @@ def stratified(key: Array, log_weights: Array, num_samples: int | None = None) -
     Nc_i = #{j : j + U_j <= M C_i} = k + [U_k <= M C_i - k], k = floor(M C_i): O(N + M). U_k is
     Threefry of the counter k, evaluated where it is needed, so no [M] array of uniforms is made.
     """
-    n, m = _num(log_weights, num_samples)
-    grid = _grid(n)
-    w, degenerate = _weights_grid(grid, log_weights)
+    _, m = _num(log_weights, num_samples)
     k0, k1 = _key_words(key)
 
-    def bins(cs: Array, r: Array, total: Array) -> Array:
+    def cum_counts(cs: Array, total: Array) -> Array:
         x = (cs * m) / total  # rather than cs * (m / total): exact for equal weights and m = N
         k = jnp.clip(jnp.floor(x), 0, m - 1).astype(jnp.int32)
         # (0, 1]: a point at 0 would hit W_0 = 0
@@ -385,9 +546,9 @@ def stratified(key: Array, log_weights: Array, num_samples: int | None = None) -
         # x - k is exact in floating point, so Nc is exactly the count for these points.
         cum = k + (u <= x - k).astype(jnp.int32)
         # cs == total: the last living particle and the dead tail after it take the rest.
-        return _slot_bins(jnp.where(cs == total, m, cum), m)
+        return jnp.where(cs == total, m, cum)
 
-    return _ancestors(_column_prefix(grid, w, bins)[0], grid, m, degenerate)
+    return _resample_by_cdf(log_weights, m, cum_counts)
 
 
 @_static
@@ -396,17 +557,17 @@ def systematic(key: Array, log_weights: Array, num_samples: int | None = None) -
 
     Nc_i = #{j : j + U <= M C_i} = floor(M C_i - U) + 1, clipped to [0, M]: O(N + M).
     """
-    n, m = _num(log_weights, num_samples)
-    grid = _grid(n)
-    w, degenerate = _weights_grid(grid, log_weights)
-    u = 1.0 - jax.random.uniform(key, (), dtype=w.dtype)  # (0, 1]: floor(0 - U) + 1 = 0 at C = 0
+    _, m = _num(log_weights, num_samples)
+    # (0, 1]: floor(0 - U) + 1 = 0 at C = 0
+    u = 1.0 - jax.random.uniform(key, (), dtype=jnp.promote_types(log_weights.dtype,
+                                                                   jnp.float32))
 
-    def bins(cs: Array, r: Array, total: Array) -> Array:
+    def cum_counts(cs: Array, total: Array) -> Array:
         x = (cs * m) / total  # exact for equal weights and m = N
         cum = jnp.clip(jnp.floor(x - u).astype(jnp.int32) + 1, 0, m)
-        return _slot_bins(jnp.where(cs == total, m, cum), m)
+        return jnp.where(cs == total, m, cum)
 
-    return _ancestors(_column_prefix(grid, w, bins)[0], grid, m, degenerate)
+    return _resample_by_cdf(log_weights, m, cum_counts)
 
 
 @_static
@@ -417,16 +578,30 @@ def residual(key: Array, log_weights: Array, num_samples: int | None = None) -> 
     """
     n, m = _num(log_weights, num_samples)
     grid = _grid(n)
-    x, _, degenerate = _expected_counts_grid(grid, log_weights, m)
-    whole = jnp.floor(x)
-    cum_whole, whole_total = _prefix(grid, whole.astype(jnp.int32))
-    remaining = m - jnp.minimum(whole_total, m)
-    frac_cs, frac_total = _prefix(grid, x - whole)
-    # When every fraction is 0 (R = 0) the draws are unused; keep their cdf finite.
+    weights, degenerate = _weight_rows(grid, log_weights)
+    # M / sum(w), from a pass that stores nothing: exact, and so are the x, for equal weights
+    # when N divides M.
+    scale = m / _columns(grid, weights).total
+
+    def rows(r: Array) -> tuple[Array, Array]:
+        x = weights(r) * scale
+        whole = jnp.floor(x)
+        return whole.astype(jnp.int32), x - whole
+
+    columns = _columns(grid, rows)
+    whole_total, frac_total = columns.total
+    # When every fraction is 0 (R = 0) no point is drawn; keep the fractions' cdf finite.
     frac_total = jnp.where(frac_total > 0, frac_total, 1.0)
-    cum_frac = _multinomial_cumulative(key, frac_cs, frac_total, m, remaining)
-    bins = _map_rows(lambda r, whole_row, frac_row: _slot_bins(
-        jnp.minimum(whole_row, m) + frac_row, m), cum_whole, cum_frac)
+    points = _uniform_points(key, m, m - jnp.minimum(whole_total, m))
+
+    whole_columns, frac_columns = (_Columns(*(field[i] for field in columns)) for i in (0, 1))
+    whole_rows, frac_rows = (lambda r: rows(r)[0]), (lambda r: rows(r)[1])
+    frac_cs = _fold(grid, frac_rows, frac_columns, lambda cs, values, r: cs)
+    # The draws' counts are made from the stored fractions' cdf; a second pass adds the whole
+    # copies' counts, recomputed rather than stored.
+    drawn = _MemoryRows(grid, _count_below(points, frac_cs, frac_total).reshape(-1))
+    bins = _fold(grid, whole_rows, whole_columns,
+                 lambda whole_cs, values, r: _slot_bins(jnp.minimum(whole_cs, m) + drawn(r), m))
     return _ancestors(bins, grid, m, degenerate)
 
 
@@ -518,9 +693,11 @@ def ssp(key: Array, log_weights: Array, num_samples: int | None = None) -> Array
     n, m = _num(log_weights, num_samples)
     grid = _grid(n)
     x, w, degenerate = _expected_counts_grid(grid, log_weights, m)
-    counts = _ssp_counts(key, x, w, m, grid)
-    bins, _ = _column_prefix(grid, counts, lambda cum, r, total: _slot_bins(cum, m))
+    counts = _MemoryRows(grid, _ssp_counts(key, x, w, m, grid).reshape(-1))
+    bins = _fold(grid, counts, _columns(grid, counts), lambda cum, values, r: _slot_bins(cum, m))
     return _ancestors(bins, grid, m, degenerate)
+
+
 
 
 @_static
@@ -534,22 +711,31 @@ def killing(key: Array, log_weights: Array, num_samples: int | None = None) -> A
         raise ValueError(f"killing resampling needs num_samples == N ({n}), got {m}")
     key_survive, key_draw = jax.random.split(key)
     grid = _grid(n)
-    w, degenerate = _weights_grid(grid, log_weights)  # max w = 1: w_i is the survival probability
-    rows, cols = grid.shape
-    cell = jnp.arange(rows * cols, dtype=jnp.int32).reshape(rows, cols)
-    u = _unit_interval(_random_words(key_survive, (rows, cols)))
-    killed = (u >= w) & (cell < n)
-    rank, num_killed = _column_prefix(grid, killed.astype(jnp.int32), lambda k, r, t: k - 1)
-    cs, total = _prefix(grid, w)
-    cum = _multinomial_cumulative(key_draw, cs, total, m, num_killed)
-    draws = _ancestors(_map_rows(lambda r, cum_row: _slot_bins(cum_row, m), cum), grid, m,
-                       jnp.asarray(False))
-    # Draw r sits in slot r of the slot grid (the particle grid, as M = N); only the multiset of
+    weights, degenerate = _weight_rows(grid, log_weights)  # max w = 1: the survival probability
+    k0, k1 = _key_words(key_survive)
+
+    def killed_row(r: Array) -> Array:
+        cells = _cells(grid, r)
+        u = _unit_interval(_threefry2x32(k0, k1, cells.astype(jnp.uint32), jnp.uint32(0))[0])
+        return (u >= weights(r)) & (cells < n)
+
+    killed_grid = _scan_rows(grid, lambda _, r: (None, killed_row(r)))[1]  # 1 byte a cell
+    killed = _MemoryRows(grid, killed_grid.reshape(-1), jnp.int32)
+    kill_columns, weight_columns = _columns(grid, killed), _columns(grid, weights)
+    points = _uniform_points(key_draw, m, kill_columns.total)
+    total = weight_columns.total
+    cs = _fold(grid, weights, weight_columns, lambda cs, w, r: cs).reshape(-1)
+    bins = _slot_bins(_count_below(points, cs, total), m)
+    draws = _ancestors(bins, grid, m, jnp.asarray(False))
+
+    # Draw k sits in slot k of the slot grid (the particle grid, as M = N); only the multiset of
     # draws matters for the offspring counts.
-    survivors = _map_rows(lambda r, killed_row, rank_row, cell_row: jnp.where(
-        killed_row, draws[_cell_of_position(grid, jnp.maximum(rank_row, 0))], cell_row),
-        killed, rank, cell)
-    return _identity_if(degenerate, survivors.reshape(-1)[:n], n)
+    def survivor(killed_cs: Array, killed: Array, r: Array) -> Array:
+        rank = jnp.maximum(killed_cs - 1, 0)
+        survives = (killed == 0) | degenerate  # degenerate: the identity (module doc)
+        return jnp.where(survives, _cells(grid, r), draws[_cell_of_position(grid, rank)])
+
+    return _fold(grid, killed, kill_columns, survivor, real_cells=True)
 
 
 def traversal_order(n: int) -> np.ndarray:

@@ -361,3 +361,91 @@ def test_last_living_particle_takes_every_draw_at_large_m() -> None:
     keys = jax.random.split(jax.random.key(5), 24)[9:13]
     counts = np.stack([np.asarray(draw(key)) for key in keys])
     assert np.all(counts.sum(axis=1) == m) and np.all(counts[:, 2] == 0), counts
+
+
+@pytest.mark.parametrize("places", [resampling._PLACES, 4])
+def test_multinomial_joint_law_where_draws_and_particles_share_buckets(
+        places: int, monkeypatch) -> None:
+    # M = 2^14 draws in K = 2^12 buckets (about 4 points a bucket) on particles of which three
+    # consecutive ones (in traversal order) are so light that their cdf steps fall inside one
+    # bucket: their counts then come from the places drawn inside a bucket. The joint law of
+    # (n_1, n_2, n_3) is multinomial; chi-square over the outcomes against the 1 - 1e-6
+    # quantile. With places for 4 points instead of 24, nearly every call has a fuller bucket,
+    # so the loop that draws the rest is what is tested.
+    monkeypatch.setattr(resampling, "_PLACES", places)
+    jax.clear_caches()
+    m, n = 1 << 14, 6
+    tiny = np.array([6e-5, 1e-4, 8e-5])
+    weights = np.empty(n)
+    order = resampling.traversal_order(n)
+    weights[order] = [0.3, 0.2, *tiny, 0.5 - tiny.sum()]
+    probs = weights / weights.sum()
+    log_weights = jnp.log(jnp.asarray(weights, jnp.float32))
+    draw = lambda key: resampling.offspring_counts(resampling.multinomial(key, log_weights, m), n)
+    keys = jax.random.split(jax.random.key(14), 6000)
+    counts = np.asarray(jax.jit(lambda ks: jax.lax.map(draw, ks, batch_size=250))(keys))
+    jax.clear_caches()
+    assert np.all(counts.sum(axis=1) == m)
+    sub = counts[:, order[2:5]]
+    p = probs[order[2:5]]
+    cap = 6  # outcomes with every count <= cap, the rest pooled
+    observed, expected = {}, {}
+    for row in map(tuple, np.minimum(sub, cap + 1)):
+        observed[row] = observed.get(row, 0) + 1
+    grid = np.stack(np.meshgrid(*[np.arange(cap + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    for row in grid:
+        rest = m - row.sum()
+        expected[tuple(row)] = len(keys) * stats.multinomial.pmf(
+            [*row, rest], m, [*p, 1.0 - p.sum()])
+    pooled_expected = len(keys) - sum(expected.values())
+    pooled_observed = sum(v for k, v in observed.items() if max(k) > cap)
+    obs = np.array([observed.get(k, 0) for k in expected] + [pooled_observed])
+    exp = np.array(list(expected.values()) + [pooled_expected])
+    big = exp >= 5
+    obs, exp = np.append(obs[big], obs[~big].sum()), np.append(exp[big], exp[~big].sum())
+    chi2 = ((obs - exp) ** 2 / exp).sum()
+    assert chi2 < stats.chi2.isf(1e-6, df=len(exp) - 1), (chi2, len(exp))
+
+
+@pytest.mark.parametrize("m, places", [(1 << 14, resampling._PLACES), (1 << 14, 4),
+                                       (1 << 18, resampling._PLACES), (1 << 18, 8)])
+def test_points_below_a_query_match_a_count_of_the_same_points(
+        m: int, places: int, monkeypatch) -> None:
+    # Deterministic: the bucket-table count of the uniform points below each query equals a plain
+    # count over every point, its bucket from the table and its place from the same Threefry
+    # fields (16-bit at M = 2^14, 8-bit at 2^18). Queries sit in every bucket, the fullest one
+    # included; with places for one Threefry call only, the loop that draws the places of fuller
+    # buckets is what is checked.
+    monkeypatch.setattr(resampling, "_PLACES", places)
+    size = m - m // 10
+    points = resampling._uniform_points(jax.random.key(3), m, size)
+    k = 1 << points.bits
+    width = resampling._place_bits(points.bits)
+    per_call = 64 // width
+    cells = np.asarray(resampling._cell_of_position(resampling._grid(k), jnp.arange(k)))
+    below = np.asarray(points.below)[cells]  # #{points in buckets 0..b}, in bucket order
+    counts = np.diff(below, prepend=0)
+    assert below[-1] == size and counts.max() == int(points.fullest)
+    assert places > per_call or points.fullest > per_call  # some buckets need the loop
+    k0, k1 = (np.uint32(w) for w in points.words)
+    calls = (counts + per_call - 1) // per_call  # Threefry calls of places per bucket
+    first_call = np.cumsum(calls) - calls
+    bucket_of_call = np.repeat(np.arange(k), calls)
+    call = np.arange(bucket_of_call.size) - np.repeat(first_call, calls) + 1
+    words = [np.asarray(w, np.int64) for w in resampling._threefry2x32(
+        k0, k1, jnp.asarray(bucket_of_call, jnp.uint32), jnp.asarray(call, jnp.uint32))]
+    fields = np.stack([(w >> shift) & ((1 << width) - 1) for w in words
+                       for shift in range(0, 32, width)], axis=1) / (1 << width)
+    places_of = {b: fields[first_call[b]:first_call[b] + calls[b]].reshape(-1)[:counts[b]]
+                 for b in np.flatnonzero(counts)}
+    rng = np.random.default_rng(0)
+    queries = np.concatenate([(np.arange(k) + rng.uniform(size=k)) / k,
+                              (np.argmax(counts) + np.linspace(0, 1, 64, endpoint=False)) / k])
+    queries = np.float32(queries)
+    got = np.asarray(jax.jit(lambda q: resampling._count_below(points, q, jnp.float32(1.0)))(
+        jnp.asarray(queries)))
+    f = queries.astype(np.float64) * k
+    b = np.minimum(np.floor(f), k - 1).astype(int)
+    want = [below[q - 1] * (q > 0) + int(np.sum(places_of.get(q, np.zeros(0)) < f_q - q))
+            for q, f_q in zip(b, f)]
+    np.testing.assert_array_equal(got, want)
