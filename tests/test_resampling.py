@@ -366,15 +366,15 @@ def test_last_living_particle_takes_every_draw_at_large_m() -> None:
 @pytest.mark.parametrize("places", [resampling._PLACES, 4])
 def test_multinomial_joint_law_where_draws_and_particles_share_buckets(
         places: int, monkeypatch) -> None:
-    # M = 2^14 draws in K = 2^12 buckets (about 4 points a bucket) on particles of which three
+    # M = 2^13 draws in K = 2^12 buckets (about 2 points a bucket) on particles of which three
     # consecutive ones (in traversal order) are so light that their cdf steps fall inside one
     # bucket: their counts then come from the places drawn inside a bucket. The joint law of
-    # (n_1, n_2, n_3) is multinomial; chi-square over the outcomes against the 1 - 1e-6
-    # quantile. With places for 4 points instead of 24, nearly every call has a fuller bucket,
+    # (n_1, n_2, n_3) is multinomial; chi-square over the outcomes of 4000 runs against the
+    # 1 - 1e-6 quantile. With places for 4 points instead of 24, every call has a fuller bucket,
     # so the loop that draws the rest is what is tested.
     monkeypatch.setattr(resampling, "_PLACES", places)
     jax.clear_caches()
-    m, n = 1 << 14, 6
+    m, n = 1 << 13, 6
     tiny = np.array([6e-5, 1e-4, 8e-5])
     weights = np.empty(n)
     order = resampling.traversal_order(n)
@@ -382,7 +382,7 @@ def test_multinomial_joint_law_where_draws_and_particles_share_buckets(
     probs = weights / weights.sum()
     log_weights = jnp.log(jnp.asarray(weights, jnp.float32))
     draw = lambda key: resampling.offspring_counts(resampling.multinomial(key, log_weights, m), n)
-    keys = jax.random.split(jax.random.key(14), 6000)
+    keys = jax.random.split(jax.random.key(14), 4000)
     counts = np.asarray(jax.jit(lambda ks: jax.lax.map(draw, ks, batch_size=250))(keys))
     jax.clear_caches()
     assert np.all(counts.sum(axis=1) == m)
