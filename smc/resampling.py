@@ -145,12 +145,6 @@ def _grid(size: int) -> _Grid:
     return _Grid(rows, size // rows & ~1, size)
 
 
-def _as_grid(grid: _Grid, x: Array, fill=0) -> Array:
-    """x [size] -> memory grid [rows (+ 1), cols], padded with `fill`."""
-    rows, cols = grid.shape
-    return jnp.pad(x, (0, rows * cols - grid.size), constant_values=fill).reshape(rows, cols)
-
-
 def _cell_of_position(grid: _Grid, position: Array) -> Array:
     """Memory index of the cell at `position` (any position < rows (+ 1) x cols)."""
     shift = grid.rows.bit_length() - 1
@@ -321,20 +315,12 @@ def _is_degenerate(top: Array) -> Array:
     return jnp.isnan(top) | jnp.isneginf(top)
 
 
-def _unnormalised(log_weights: Array) -> tuple[Array, Array]:
-    """(w [N], degenerate): w = exp(logw - max logw), so max w = 1 and dead particles are exactly 0.
-
-    With +inf entries, w is 1 on them and 0 elsewhere (the module doc's limit). `degenerate` (bool
-    scalar) is any NaN or all -inf; w is then uniform, only so that the arithmetic stays finite
-    until the draws are discarded for the identity.
-    """
-    log_weights, top = _top(log_weights)
-    return _shifted_exp(log_weights, top), _is_degenerate(top)
-
-
 def _weight_rows(grid: _Grid, log_weights: Array) -> tuple[Rows, Array]:
-    """(the rows of w as in `_unnormalised` on the particle grid, 0 on padding; degenerate),
-    computed from the log-weights row by row."""
+    """(the rows of w = exp(logw - max logw) on the particle grid, 0 on padding; degenerate),
+    computed from the log-weights row by row. Max w = 1 and dead particles are exactly 0; with
+    +inf entries w is 1 on them and 0 elsewhere (the module doc's limit). `degenerate` (bool
+    scalar) is any NaN or all -inf; w is then 1 everywhere, only so that the arithmetic stays
+    finite until the draws are discarded for the identity."""
     log_weights, top = _top(log_weights)
     read = _flat_rows(grid, log_weights)
     tail = grid.size - grid.main
@@ -346,12 +332,13 @@ def _weight_rows(grid: _Grid, log_weights: Array) -> tuple[Rows, Array]:
     return row, _is_degenerate(top)
 
 
-def _expected_counts_grid(grid: _Grid, log_weights: Array, m: int) -> tuple[Array, Array, Array]:
-    """(x = M W, w, degenerate) on the particle grid, 0 on padding."""
-    w, degenerate = _unnormalised(log_weights)
-    # The sum of the [N] vector, not of the grid: the same rounding under vmap as without.
-    x = (w * m) / jnp.sum(w)  # exact integers for equal weights when M is a multiple of N
-    return _as_grid(grid, x), _as_grid(grid, w), degenerate
+def _expected_count_rows(grid: _Grid, log_weights: Array, m: int) -> tuple[Rows, Array]:
+    """(the rows of x = M W on the particle grid, 0 on padding; degenerate). The scale M / sum w
+    comes from a pass that stores nothing; it and x are exact for equal weights when N divides M.
+    """
+    weights, degenerate = _weight_rows(grid, log_weights)
+    scale = m / _columns(grid, weights).total
+    return (lambda r: weights(r) * scale), degenerate
 
 
 def _histogram_cells(grid: _Grid) -> Array:
@@ -578,13 +565,10 @@ def residual(key: Array, log_weights: Array, num_samples: int | None = None) -> 
     """
     n, m = _num(log_weights, num_samples)
     grid = _grid(n)
-    weights, degenerate = _weight_rows(grid, log_weights)
-    # M / sum(w), from a pass that stores nothing: exact, and so are the x, for equal weights
-    # when N divides M.
-    scale = m / _columns(grid, weights).total
+    expected, degenerate = _expected_count_rows(grid, log_weights, m)
 
     def rows(r: Array) -> tuple[Array, Array]:
-        x = weights(r) * scale
+        x = expected(r)
         whole = jnp.floor(x)
         return whole.astype(jnp.int32), x - whole
 
@@ -610,7 +594,7 @@ def _fraction(v: Array) -> Array:
     return jnp.where(v >= 1.0, v - 1.0, v)
 
 
-def _ssp_counts(key: Array, x: Array, w: Array, m: int, grid: _Grid) -> Array:
+def _ssp_counts(key: Array, x: Array, m: int, grid: _Grid) -> Array:
     """Offspring counts (a memory grid) of the Srinivasan sampling process on x = M W.
 
     Each particle keeps floor(x_i) copies plus a Bernoulli whose mean is the fraction xi_i. The
@@ -674,14 +658,14 @@ def _ssp_counts(key: Array, x: Array, w: Array, m: int, grid: _Grid) -> Array:
                 jnp.where(move, _positions(grid, r), -1))
 
     counts, carrier_positions = _map_rows(resolve, moves, crossing, below, whole)
-    counts, w = counts.reshape(-1), w.reshape(-1)
+    shape, counts = counts.shape, counts.reshape(-1)
     last = _cell_of_position(grid, jnp.max(carrier_positions))
     # The fractions sum to an integer only up to float32 rounding: the last carrier takes the
     # rest, but only if alive; any leftover goes to the particle with most offspring (so alive).
-    rest = jnp.clip(m - jnp.sum(counts), 0, 1) * (w[last] > 0)
+    rest = jnp.clip(m - jnp.sum(counts), 0, 1) * (x.reshape(-1)[last] > 0)
     counts = counts.at[last].add(rest.astype(jnp.int32))
     counts = counts.at[jnp.argmax(counts)].add(m - jnp.sum(counts))
-    return counts.reshape(x.shape)
+    return counts.reshape(shape)
 
 
 @_static
@@ -692,8 +676,9 @@ def ssp(key: Array, log_weights: Array, num_samples: int | None = None) -> Array
     """
     n, m = _num(log_weights, num_samples)
     grid = _grid(n)
-    x, w, degenerate = _expected_counts_grid(grid, log_weights, m)
-    counts = _MemoryRows(grid, _ssp_counts(key, x, w, m, grid).reshape(-1))
+    expected, degenerate = _expected_count_rows(grid, log_weights, m)
+    x = _scan_rows(grid, lambda _, r: (None, expected(r)))[1]
+    counts = _MemoryRows(grid, _ssp_counts(key, x, m, grid).reshape(-1))
     bins = _fold(grid, counts, _columns(grid, counts), lambda cum, values, r: _slot_bins(cum, m))
     return _ancestors(bins, grid, m, degenerate)
 
