@@ -350,10 +350,11 @@ def test_traversal_order_is_a_permutation_and_even_weights_keep_every_slot() -> 
 
 
 def test_last_living_particle_takes_every_draw_at_large_m() -> None:
-    # M = 2^22 multinomial draws on three particles, the last one dead: the sorted points Z_j near
-    # 2^22 are float32 with a spacing of 0.5, so the last exponential spacing is lost to rounding
-    # (Z_{M-1} == Z_M) in about a fifth of the calls (in 3 of these 4 seeded keys); the last living
-    # particle must still take every draw, so the counts sum to M (deterministic: no tolerance).
+    # M = 2^22 multinomial draws on three particles, the last one dead, where float32 resolves
+    # neither the draws near the top of the cdf (2^20 buckets, 8-bit places) nor a count near
+    # 2^22 finely: the last living particle (cdf = total) must still take every remaining draw,
+    # so the counts sum to M and the dead one gets none (deterministic: no tolerance). (Written
+    # for the former sorted-uniforms construction, where the last spacing was lost to rounding.)
     m = 1 << 22
     log_weights = jnp.log(jnp.asarray([1.0, 2.0, 0.0]))
     draw = jax.jit(lambda key: resampling.offspring_counts(
