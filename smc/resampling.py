@@ -334,10 +334,12 @@ def _weight_rows(grid: _Grid, log_weights: Array) -> tuple[Rows, Array]:
 
 def _expected_count_rows(grid: _Grid, log_weights: Array, m: int) -> tuple[Rows, Array]:
     """(the rows of x = M W on the particle grid, 0 on padding; degenerate). The scale M / sum w
-    comes from a pass that stores nothing; it and x are exact for equal weights when N divides M.
+    is one reduction over the [N] log-weights (no loop, nothing stored; the same rounding under
+    vmap as without); it and x are exact for equal weights when N divides M.
     """
     weights, degenerate = _weight_rows(grid, log_weights)
-    scale = m / _columns(grid, weights).total
+    log_weights, top = _top(log_weights)
+    scale = m / jnp.sum(_shifted_exp(log_weights, top))
     return (lambda r: weights(r) * scale), degenerate
 
 
