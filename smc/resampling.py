@@ -451,13 +451,16 @@ def _count_below(points: _Points, cs: Array, total: Array) -> Array:
     per_call = 64 // width
     mask = np.uint32((1 << width) - 1)
 
+    def bucket(cs: Array) -> tuple[Array, Array]:
+        """(b, the place of u = cs / total within bucket b on the 2^width scale)."""
+        f = cs * np.float32(k) / total  # scaling by 2^bits: the same rounding as cs / total
+        b = jnp.minimum(jnp.floor(f), k - 1)
+        return b.astype(jnp.int32), (f - b) * np.float32(1 << width)  # exact; 2^width at u = 1
+
     def hits(call: Array, cs: Array) -> Array:
         """#{the bucket's points per_call (call - 1) .. per_call call - 1 below u} (none where
         u = 1)."""
-        f = cs * np.float32(k) / total  # scaling by 2^bits: the same rounding as cs / total
-        b = jnp.minimum(jnp.floor(f), k - 1)
-        place = (f - b) * np.float32(1 << width)  # exact, <= 2^width (= when u = 1)
-        b = b.astype(jnp.int32)
+        b, place = bucket(cs)
         count = points.below[_cell_of_position(buckets, b)] - below_bucket(b)
         words = _threefry2x32(k0, k1, b.astype(jnp.uint32), call.astype(jnp.uint32))
         fields = [(word >> np.uint32(shift)) & mask for word in words
@@ -471,9 +474,7 @@ def _count_below(points: _Points, cs: Array, total: Array) -> Array:
     def below_bucket(b: Array) -> Array:
         return jnp.where(b > 0, points.below[_cell_of_position(buckets, jnp.maximum(b - 1, 0))], 0)
 
-    f = cs * np.float32(k) / total
-    b = jnp.minimum(jnp.floor(f), k - 1).astype(jnp.int32)
-    counted = jnp.where(cs == total, points.size, below_bucket(b))
+    counted = jnp.where(cs == total, points.size, below_bucket(bucket(cs)[0]))
     calls = -(-_PLACES // per_call)
     for call in range(1, calls + 1):
         counted = counted + hits(jnp.int32(call), cs)
@@ -500,7 +501,7 @@ def _resample_by_cdf(log_weights: Array, m: int,
     grid = _grid(log_weights.shape[0])
     rows, degenerate = _weight_rows(grid, log_weights)
     columns = _columns(grid, rows)
-    # Flat: per-cell work on a grid would be fused with the gathers' index flattening.
+    # Flat: the gathers and the scatter that follow index flat arrays.
     cs = _fold(grid, rows, columns, lambda cs, w, r: cs).reshape(-1)
     return _ancestors(_slot_bins(cum_counts(cs, columns.total), m), grid, m, degenerate)
 
@@ -708,12 +709,9 @@ def killing(key: Array, log_weights: Array, num_samples: int | None = None) -> A
 
     killed_grid = _scan_rows(grid, lambda _, r: (None, killed_row(r)))[1]  # 1 byte a cell
     killed = _MemoryRows(grid, killed_grid.reshape(-1), jnp.int32)
-    kill_columns, weight_columns = _columns(grid, killed), _columns(grid, weights)
+    kill_columns = _columns(grid, killed)
     points = _uniform_points(key_draw, m, kill_columns.total)
-    total = weight_columns.total
-    cs = _fold(grid, weights, weight_columns, lambda cs, w, r: cs).reshape(-1)
-    bins = _slot_bins(_count_below(points, cs, total), m)
-    draws = _ancestors(bins, grid, m, jnp.asarray(False))
+    draws = _resample_by_cdf(log_weights, m, functools.partial(_count_below, points))
 
     # Draw k sits in slot k of the slot grid (the particle grid, as M = N); only the multiset of
     # draws matters for the offspring counts.
