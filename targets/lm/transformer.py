@@ -25,9 +25,10 @@ layer code in a ``lax.scan`` over weights (and caches) stacked inside the call: 
 slower to run (use it for short runs and tests). The query/key/value and the gate/up projections
 are each one matrix product. The KV cache is one array per layer, ``[B, KV, T, hd]``, so that a
 layer's keys for one row and head are contiguous (a stacked ``[B, L, T, KV, hd]`` cache made XLA
-copy every layer's cache on every step). Decode attention is an elementwise product and a sum,
-which XLA fuses into one pass over the cache. Attention runs over the whole cache, so size it to
-the need (``max_len`` = prompt + new tokens).
+copy every layer's cache on every step). Attention products are batched over (row, KV head) with
+a KV head's queries as one axis, ``[B, KV, m, hd]``, the layout every XLA backend has a kernel
+for. Attention runs over the whole cache, so size it to the need (``max_len`` = prompt + new
+tokens).
 """
 from __future__ import annotations
 
@@ -54,11 +55,17 @@ def rms_norm(x, w, eps):
 
 
 def rope_tables(positions, head_dim: int, rope: Rope):
-    """cos/sin tables ``[..., head_dim]`` for integer positions ``[...]``."""
-    inv_freq = jnp.asarray(np.asarray(rope.inverse_frequencies(head_dim), np.float32))
-    angle = positions.astype(F32)[..., None] * inv_freq
-    angle = jnp.concatenate([angle, angle], axis=-1)
-    return jnp.cos(angle), jnp.sin(angle)
+    """cos/sin tables ``[..., head_dim]`` for integer positions ``[...]``: numpy tables for numpy
+    positions (known when tracing), computed once on the host; traced ones in the program.
+
+    In the program XLA:CPU fuses the cos and sin into each use of the tables and evaluates them
+    again for every head of every layer (SmolLM2 bf16 prefill of 64 x 40 tokens: 105 of 770 ms;
+    from host tables, 27)."""
+    xp = np if isinstance(positions, np.ndarray) else jnp
+    inv_freq = np.asarray(rope.inverse_frequencies(head_dim), np.float32)
+    angle = positions.astype(np.float32)[..., None] * inv_freq
+    angle = xp.concatenate([angle, angle], axis=-1)
+    return xp.cos(angle), xp.sin(angle)
 
 
 def apply_rope(x, cos, sin):
@@ -264,6 +271,8 @@ class Transformer:
         empty = tuple((jnp.zeros((B, c.n_kv_heads, width, c.head_dim), self.dtype),) * 2
                       for _ in range(c.n_layers))
 
+        tables = self._rope_pair(np.arange(width))
+
         def chunk_step(kv, xs):
             index, chunk = xs
             first = index * C
@@ -273,7 +282,8 @@ class Transformer:
             # rows and positions flattened into one axis: XLA:CPU multiplies a [B*C, D] matrix
             # about twice as fast as a [B, C, D] array by the same weights
             h = self._embed(params, chunk.reshape(B * C))
-            ropes = self._rope_pair(jnp.tile(query[:, 0], B))
+            ropes = jax.tree.map(
+                lambda t: jnp.tile(jax.lax.dynamic_slice_in_dim(t, first, C), (B, 1)), tables)
 
             def layer(h, lp, sliding, buffers):
                 cos, sin = pick(sliding, ropes[1], ropes[0])
@@ -281,13 +291,21 @@ class Transformer:
                 bk, bv = (jax.lax.dynamic_update_slice_in_dim(
                     b, x.reshape(B, C, c.n_kv_heads, c.head_dim).swapaxes(1, 2).astype(b.dtype),
                     first, axis=2) for b, x in zip(buffers, (k, v)))
-                q = q.reshape(B, C, c.n_kv_heads, c.group_size, c.head_dim)
-                s = self._scores(jnp.einsum("bqkgd,bktd->bkgqt", q, bk,
+                # each KV head's C x G queries as one axis m, [B, KV, m, hd]: the products are
+                # in the layout every XLA backend has a kernel for (XLA:CPU has none for a bf16
+                # "bqkgd,bktd" product), and the swap moves whole [G, hd] blocks, where letting
+                # XLA pick the layout transposed hd against the positions (SmolLM2, 64 x 40
+                # tokens: 160 of the prefill's ms in float32 and in bf16)
+                q = q.reshape(B, C, c.n_kv_heads, -1).swapaxes(1, 2).reshape(
+                    B, c.n_kv_heads, C * c.group_size, c.head_dim)
+                s = self._scores(jnp.einsum("bkmd,bktd->bkmt", q, bk,
                                             preferred_element_type=F32))
-                s = jnp.where(pick(sliding, window, causal), s, -jnp.inf)
-                a = jax.nn.softmax(s, axis=-1).astype(self.dtype)
-                o = jnp.einsum("bkgqt,bktd->bqkgd", a, bv, preferred_element_type=F32)
-                o = o.reshape(B * C, c.n_kv_heads, c.group_size, c.head_dim).astype(self.dtype)
+                s = s.reshape(B, c.n_kv_heads, C, c.group_size, width)
+                s = jnp.where(pick(sliding, window, causal)[:, None, :], s, -jnp.inf)
+                a = jax.nn.softmax(s, axis=-1).astype(self.dtype).reshape(q.shape[:3] + (width,))
+                o = jnp.einsum("bkmt,bktd->bkmd", a, bv, preferred_element_type=F32)
+                o = o.astype(self.dtype).reshape(B, c.n_kv_heads, C, -1).swapaxes(1, 2)
+                o = o.reshape(B * C, c.n_kv_heads, c.group_size, c.head_dim)
                 return self._out_ffn(lp, h, o), (bk, bv)
 
             h, kv = self._over_layers(params["layers"], layer, h, kv)
