@@ -12,6 +12,7 @@ from scipy import stats
 
 from proposals.tokens import (
     NO_TOKEN,
+    argmax,
     categorical,
     draw_tokens,
     filtered_logprobs,
@@ -215,3 +216,30 @@ def test_log_softmax_matches_jax():
     x = x.at[0, :10].set(-jnp.inf)
     # float32 rounding of a 5000-term sum, relative ~1e-6, on log-probabilities of size ~10
     np.testing.assert_allclose(log_softmax(x), jax.nn.log_softmax(x), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("vocab_size", [1, 2, 7, 16, 17, 1000, 49152])
+def test_argmax_is_jnp_argmax_ties_infinities_and_nan_included(vocab_size):
+    """The first maximum, as jnp.argmax gives it, on rows made to break a blocked search: ties
+    (few distinct values), -0.0 against 0.0, a maximum in the partial last block or at its very
+    end, rows all -inf, +inf and -inf without NaN (the fast path), and NaN (the fallback)."""
+    rng = np.random.default_rng(vocab_size)
+    for trial in range(12):
+        x = rng.integers(-3, 3, (8, vocab_size)).astype(np.float32)
+        x[x == 0] = rng.choice(np.array([0.0, -0.0], np.float32), (x == 0).sum())
+        u = rng.random(x.shape)
+        x[u < 0.2] = -np.inf
+        x[0] = -np.inf
+        x[1, -1] = 7.0                                   # the end of a partial last block
+        x[2, rng.integers(vocab_size)] = np.inf
+        x[3, -(vocab_size // 3 + 1):] = 5.0              # ties inside the last blocks
+        if trial % 3 == 1:
+            x[4, rng.integers(vocab_size, size=2)] = np.nan
+        if trial % 3 == 2:
+            x[5] = np.nan
+        for values in (x, x[[0, 1, 3, 6, 7]]):           # with and without NaN / +inf rows
+            got = np.asarray(argmax(jnp.asarray(values)))
+            np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(values), -1)))
+    batch = jnp.asarray(rng.standard_normal((2, 3, vocab_size)), jnp.bfloat16)
+    np.testing.assert_array_equal(argmax(batch), jnp.argmax(batch, -1))
+    assert argmax(batch).dtype == jnp.int32

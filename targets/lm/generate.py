@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from proposals.tokens import filtered_logprobs
+from proposals.tokens import argmax, filtered_logprobs
 from smc.validation import static_finite, static_int
 from targets.lm import decoding
 from targets.lm.decoding import SequenceState
@@ -45,7 +45,7 @@ def generate(key, lm, params, prompts, prompt_lengths, *, max_new_tokens: int,
         # the argmax of log p; its proposal is a point mass, so log q = 0 (set once at the end
         # rather than building a one-hot [N, V] table at every step)
         state = decoding.rollout(key, lm, params, prefilled, state, lambda s: s.logprobs, eos,
-                                 sample=lambda key, logp: jnp.argmax(logp, axis=-1))
+                                 sample=lambda key, logp: argmax(logp))
         state = state._replace(token_logq=jnp.zeros_like(state.token_logq))
     else:
         state = decoding.rollout(

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from proposals.tokens import log_softmax
 from targets.lm.config import Rope, TransformerConfig
 
 Params = dict[str, Any]
@@ -332,7 +333,7 @@ class Transformer:
         h, ks, vs = self._causal_layers(params, tokens)
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
         prompt_cache = {"k": ks, "v": vs, "length": jnp.asarray(lengths, jnp.int32)}
-        return prompt_cache, jax.nn.log_softmax(self._logits(params, last), axis=-1)
+        return prompt_cache, log_softmax(self._logits(params, last))
 
     def decode(self, params, prompt_cache, cache, tokens, positions):
         """One token per row; row r continues prompt ``r // (N / B)``. Attention runs over the
@@ -389,7 +390,7 @@ class Transformer:
         per_row = zip(cache["k"], cache["v"])
         h, kv = self._over_layers(params["layers"], layer, h, tuple(zip(shared, per_row)))
         cache = {"k": tuple(k for k, _ in kv), "v": tuple(v for _, v in kv)}
-        return cache, jax.nn.log_softmax(self._logits(params, h), axis=-1)
+        return cache, log_softmax(self._logits(params, h))
 
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes per particle and position: layers x 2 x kv_heads x head_dim x itemsize."""
