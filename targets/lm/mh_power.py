@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from proposals.tokens import log_softmax
 from smc.validation import static_int, static_positive
 from targets.lm import decoding
 from targets.lm.decoding import SequenceState
@@ -75,7 +76,7 @@ def mh_power_components(lm, params, prompt, *, alpha: float, max_new_tokens: int
     prefilled = decoding.prefill(lm, params, prompt[None], prompt_length[None])
 
     def proposal(s: SequenceState) -> Array:          # q = p^alpha / C: temperature 1 / alpha
-        return jax.nn.log_softmax(alpha * s.logprobs, axis=-1)
+        return log_softmax(alpha * s.logprobs)
 
     def log_target(s: SequenceState) -> Array:
         return alpha * s.logp
