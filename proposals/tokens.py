@@ -14,6 +14,8 @@ top-k distribution). Ties at the top-k / top-p boundary are broken by token id (
 trick's one random number per vocabulary entry (`jax.random.categorical`), which costs more
 than the rest of a decode step at V ~ 50k-260k; `draw_tokens` does the same from raw logits,
 with temperature and mask, without writing the normalised ``[B, V]`` log-probabilities.
+`log_softmax` and `argmax` (greedy) are `jax.nn.log_softmax` and `jnp.argmax` over the same
+blocks, for the same reason.
 """
 from __future__ import annotations
 

@@ -285,7 +285,7 @@ def favour_tokens(params, ids, strength):
     ids = jnp.asarray(ids)
     embed = params["embed"].at[:, 0].add(strength)
     head = params["lm_head"]
-    head = head.at[:, ids].set(head[:, ids[:1]]).at[0, ids].add(strength)
+    head = head.at[ids].set(head[ids[:1]]).at[ids, 0].add(strength)
     return {**params, "embed": embed, "lm_head": head}
 
 

@@ -321,7 +321,7 @@ def test_cast_params_consumes_the_loader_weights_and_refuses_unknown_arrays():
     loaded = weights()
     params = cast_params(loaded, cfg)
     assert loaded == {}
-    assert params["layers"][0]["wqkv"].shape == (4, 1, 4, 2)  # [D, KV, G + 2, hd]
-    assert params["layers"][0]["w_gate_up"].shape == (4, 2, 3)  # [D, 2, F]
+    assert params["layers"][0]["wqkv"].shape == (1, 4, 2, 4)  # [KV, G + 2, hd, D]
+    assert params["layers"][0]["w_gate_up"].shape == (3, 2, 4)  # [F, 2, D]
     with pytest.raises(ValueError, match="'w_extra'"):
         cast_params(weights(w_extra=np.zeros((1, 2), np.float32)), cfg)

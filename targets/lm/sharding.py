@@ -4,15 +4,15 @@ Particles (rows) go over ``"particles"`` (the SMC engine shards them); each para
 a dimension worth splitting puts it over ``"model"``, in three groups (the layout of
 `targets.lm.transformer.cast_params`):
 
-- attention: the KV heads, axis KV of ``wqkv [D, KV, G + 2, hd]``, ``bqkv [KV, G + 2, hd]`` and
-  ``wo [KV, G, hd, D]``. A KV head travels with its G query heads, key and value (the grouped
+- attention: the KV heads, axis KV of ``wqkv [KV, G + 2, hd, D]``, ``bqkv [KV, G + 2, hd]`` and
+  ``wo [D, KV, G, hd]``. A KV head travels with its G query heads, key and value (the grouped
   layout), so each device computes whole heads: the attention itself needs no communication,
   only ``wo``'s sum over heads does (one all-reduce per layer), and the KV cache, which the
   keys and values fill, can stay split over the same heads;
-- MLP: the hidden units, axis F of ``w_gate_up [D, 2, F]`` and ``w_down [F, D]`` (Megatron's
+- MLP: the hidden units, axis F of ``w_gate_up [F, 2, D]`` and ``w_down [D, F]`` (Megatron's
   column-then-row split: the gate, up and activation are local, ``w_down``'s sum over F is one
   all-reduce);
-- vocabulary: axis V of ``embed [V, D]`` and ``lm_head [D, V]``, the largest matrices of a small
+- vocabulary: axis V of ``embed [V, D]`` and ``lm_head [V, D]``, the largest matrices of a small
   model (SmolLM2's embedding is 21% of its weights); the log-softmax over V then reduces across
   devices.
 
@@ -86,9 +86,9 @@ class Layout(NamedTuple):
 
 
 # parameter name -> (its group, the axis of it split over "model")
-SPLIT_AXIS = {"wqkv": ("attention", 1), "bqkv": ("attention", 0), "wo": ("attention", 0),
-              "w_gate_up": ("mlp", 2), "w_down": ("mlp", 0),
-              "embed": ("vocabulary", 0), "lm_head": ("vocabulary", 1)}
+SPLIT_AXIS = {"wqkv": ("attention", 0), "bqkv": ("attention", 0), "wo": ("attention", 1),
+              "w_gate_up": ("mlp", 0), "w_down": ("mlp", 1),
+              "embed": ("vocabulary", 0), "lm_head": ("vocabulary", 0)}
 
 
 def check_mesh(mesh: Any) -> Mesh | None:
