@@ -426,8 +426,8 @@ def cast_params(weights: Params, config: TransformerConfig, dtype=jnp.float32) -
             for i, out in enumerate(layers):
                 q, k, v = (a[i].reshape(*a[i].shape[:-1], *shape, hd)
                            for a, shape in zip(arrays, (q_shape, kv_shape, kv_shape)))
-                qkv = np.concatenate([q, k, v], -2)   # [(D,) KV, G + 2, hd]
-                out[name] = jnp.asarray(np.moveaxis(qkv, 0, -1) if qkv.ndim == 4 else qkv,
+                qkv = np.concatenate([q, k, v], -2)   # wqkv [D, KV, G + 2, hd], bqkv [KV, ...]
+                out[name] = jnp.asarray(np.moveaxis(qkv, 0, -1) if name == "wqkv" else qkv,
                                         dtype)
             del arrays
     if "w_gate" in stacked:
